@@ -1,0 +1,86 @@
+"""Config keys of the plugin: ``add_objguided_config(cfg)`` adds them to a detectron2 ``get_cfg()``.
+
+Defaults follow the paper (Yi et al., IEEE TMI 2021) and, where it gives no number, the authors'
+public code. Keys that only pick between the two are commented with both choices.
+"""
+
+from detectron2.config import CfgNode as CN
+from detectron2.projects.point_rend import add_pointrend_config
+
+
+def add_objguided_config(cfg: CN) -> None:
+    """Add the ``MODEL.OBJGUIDED`` node and the shared input-pipeline keys to ``cfg`` (in place).
+
+    Also adds PointRend's keys, so one call lets every config of the project (ObjGuided, Mask R-CNN
+    and PointRend) merge. Calling it twice is harmless.
+    """
+    if "OBJGUIDED" in cfg.MODEL:
+        return
+    add_pointrend_config(cfg)
+    _add_input_config(cfg)
+
+    # fmt: off
+    cfg.MODEL.OBJGUIDED = CN()
+    _C = cfg.MODEL.OBJGUIDED
+
+    # ---- Backbone: detectron2's ResNet (MODEL.RESNETS.DEPTH / NORM) + top-down "B" decoder ----
+    # Output channels of the B modules at strides 16, 8, 4. Empty: those of the ResNet stage each
+    # one fuses with (R-50: 1024, 512, 256 as the authors; R-18/34: 256, 128, 64).
+    _C.DECODER_CHANNELS = []
+    # Norm of the B modules ("BN" as the authors, "GN", "SyncBN", "" for none).
+    _C.DECODER_NORM = "BN"
+
+    # ---- Center-keypoint detection head (on the stride-4 decoder map) ----
+    _C.IN_FEATURE = "dec4"           # feature map the heads run on
+    _C.HEAD_CHANNELS = 256           # hidden channels of the heatmap / width-height / offset heads
+    _C.WH_KERNEL_SIZE = 7            # kernel of both width-height convs (authors 7; CenterNet 3)
+    _C.HEATMAP_PRIOR_BIAS = -2.19    # initial bias of the heatmap logits (sigmoid = 0.1)
+    _C.GAUSSIAN_MIN_OVERLAP = 0.7    # IoU that fixes the Gaussian radius of a center (CenterNet)
+    _C.MAX_OBJECTS = 500             # cap on detection targets per image (the mask branch uses all)
+    _C.FOCAL_ALPHA = 2.0             # penalty-reduced focal loss: focusing exponent
+    _C.FOCAL_BETA = 4.0              # penalty-reduced focal loss: exponent on (1 - gaussian)
+    _C.HEATMAP_LOSS_WEIGHT = 1.0     # weight of the focal heatmap loss
+    _C.WH_LOSS_WEIGHT = 0.1          # authors' weight; the paper gives none
+    _C.OFFSET_LOSS_WEIGHT = 1.0      # weight of the sub-pixel center offset loss
+    _C.REGRESSION_LOSS = "l1"        # "l1" (authors' code) or "smooth_l1" (paper, Eq. 2 and 5)
+    _C.TOPK_CENTERS = 500            # peaks kept after the 3x3 max-pool
+    _C.SCORE_THRESH_TEST = 0.3       # minimum center score of a detection
+
+    # ---- Object-guided ROI mask branch ----
+    _C.BOX_ENLARGE = 1.1             # ROIs are the boxes scaled by this about their centre
+    _C.MIN_ROI_SIZE = 2.0            # crop levels stop at the first one whose ROI side is below this
+    # Feature maps cropped at strides 2, 4, 8, 16 (stride 1 is a two-conv stem on the image).
+    _C.ROI_FEATURES = ["stem", "dec4", "dec8", "dec16"]
+    _C.IMAGE_CONV_CHANNELS = 64      # channels of the stride-1 level
+    _C.INSTANCE_NORM_AFFINE = False  # learnable gamma/eta of Eq. 6 (paper) or none (authors' code)
+    _C.MASK_LOSS_WEIGHT = 2.0        # BCE on soft ROI masks; authors' weight
+    _C.MASK_THRESH_TEST = 0.53       # threshold of the pasted-back probabilities (authors' default)
+    _C.MASK_NMS_THRESH = 0.2         # mask IoU above which a lower-scored mask is suppressed
+    # GT instances per training image that get a mask ROI; 0 = all of them (authors).
+    _C.MAX_TRAIN_ROIS_PER_IMAGE = 0
+
+    # ---- Auxiliary feature refinement (training only; no cost at inference) ----
+    _C.REFINE = CN()
+    _C.REFINE.ENABLED = True         # the paper's "W. Refine"; False gives "W.O. Refine"
+    _C.REFINE.SAMPLING = "biased"    # "biased": top beta*N of k*N by uncertainty; "uniform": k*N random
+    _C.REFINE.OVERSAMPLE_RATIO = 3.0   # k of the paper's Table II
+    _C.REFINE.IMPORTANCE_RATIO = 0.75  # beta of the paper's Table II
+    _C.REFINE.POINT_DENSITY = 8        # D: N = H * W / D points per ROI
+    _C.REFINE.LOSS_WEIGHT = 1.0        # weight of the point-head BCE (authors: 1)
+    # fmt: on
+
+
+def _add_input_config(cfg: CN) -> None:
+    """Keys of the input pipeline that every architecture of the project shares."""
+    # fmt: off
+    _C = cfg.INPUT
+    _C.IMAGE_SIZE = 512              # side of the square network input (train) / longest side (test)
+    _C.SQUARE_CROP = CN()
+    _C.SQUARE_CROP.ENABLED = True    # the paper's random square crop of side max(H, W) * scale
+    _C.SQUARE_CROP.SCALES = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
+    _C.HFLIP_TRAIN = True            # horizontal flip with p = 0.5
+    # Test-time resize: "fit" (longest side to IMAGE_SIZE, aspect kept) or "stretch" (authors: both
+    # sides to IMAGE_SIZE). Predictions always come back at the original resolution.
+    _C.TEST_RESIZE = "fit"
+    _C.MIN_INSTANCE_SIZE = 2         # instances whose box is thinner than this (pixels) are dropped
+    # fmt: on

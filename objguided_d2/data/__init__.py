@@ -1,0 +1,1 @@
+"""Datasets, the shared dataset mapper and synthetic data."""

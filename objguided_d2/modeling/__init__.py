@@ -1,0 +1,1 @@
+"""Modules registered in detectron2's registries."""

@@ -1,0 +1,52 @@
+"""The stack the plugin runs on: detectron2, PointRend and torchvision's ops work on CPU."""
+
+import subprocess
+import sys
+
+import torch
+from torchvision.ops import nms, roi_align
+
+
+def test_torchvision_ops_run_on_cpu():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)
+    assert keep.tolist() == [0, 2]
+
+    feature = torch.arange(16.0).reshape(1, 1, 4, 4)
+    pooled = roi_align(feature, [torch.tensor([[0.0, 0.0, 4.0, 4.0]])], output_size=2, aligned=True)
+    # Each 2x2 bin averages its four bilinear samples: the means of the four quadrants.
+    assert torch.allclose(pooled.flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
+
+
+def test_detectron2_and_pointrend_build_on_cpu():
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.projects.point_rend import add_pointrend_config
+
+    cfg = get_cfg()
+    add_pointrend_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.ROI_HEADS.NAME = "PointRendROIHeads"
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "CoarseMaskHead"
+    cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE = ""
+    cfg.MODEL.ROI_MASK_HEAD.FC_DIM = 64
+    cfg.MODEL.ROI_MASK_HEAD.IN_FEATURES = ["p2"]
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.POINT_HEAD.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        out = model([{"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "height": 64, "width": 64}])
+    assert "instances" in out[0]
+
+
+def test_environment_report_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "objguided_d2.env"], capture_output=True, text=True, check=True
+    )
+    for field in ("torch", "torchvision", "detectron2 install route", "C extension", "device"):
+        assert field in result.stdout
