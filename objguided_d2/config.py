@@ -48,11 +48,11 @@ def add_objguided_config(cfg: CN) -> None:
 
     # ---- Object-guided ROI mask branch ----
     _C.BOX_ENLARGE = 1.1             # ROIs are the boxes scaled by this about their centre
-    _C.MIN_ROI_SIZE = 2.0            # crop levels stop at the first one whose ROI side is below this
+    _C.MIN_ROI_SIZE = 2.0            # crop levels stop at the first one with an ROI side below this
     # Feature maps cropped at strides 2, 4, 8, 16 (stride 1 is a two-conv stem on the image).
     _C.ROI_FEATURES = ["stem", "dec4", "dec8", "dec16"]
     _C.IMAGE_CONV_CHANNELS = 64      # channels of the stride-1 level
-    _C.INSTANCE_NORM_AFFINE = False  # learnable gamma/eta of Eq. 6 (paper) or none (authors' code)
+    _C.INSTANCE_NORM_AFFINE = False  # learnable gamma/eta of Eq. 6 (paper) or none (authors)
     _C.MASK_LOSS_WEIGHT = 2.0        # BCE on soft ROI masks; authors' weight
     _C.MASK_THRESH_TEST = 0.53       # threshold of the pasted-back probabilities (authors' default)
     _C.MASK_NMS_THRESH = 0.2         # mask IoU above which a lower-scored mask is suppressed
@@ -62,7 +62,8 @@ def add_objguided_config(cfg: CN) -> None:
     # ---- Auxiliary feature refinement (training only; no cost at inference) ----
     _C.REFINE = CN()
     _C.REFINE.ENABLED = True         # the paper's "W. Refine"; False gives "W.O. Refine"
-    _C.REFINE.SAMPLING = "biased"    # "biased": top beta*N of k*N by uncertainty; "uniform": k*N random
+    # "biased": the beta*N most uncertain of k*N random points; "uniform": random points only.
+    _C.REFINE.SAMPLING = "biased"
     _C.REFINE.OVERSAMPLE_RATIO = 3.0   # k of the paper's Table II
     _C.REFINE.IMPORTANCE_RATIO = 0.75  # beta of the paper's Table II
     _C.REFINE.POINT_DENSITY = 8        # D: N = H * W / D points per ROI
@@ -74,9 +75,9 @@ def _add_input_config(cfg: CN) -> None:
     """Keys of the input pipeline that every architecture of the project shares."""
     # fmt: off
     _C = cfg.INPUT
-    _C.IMAGE_SIZE = 512              # side of the square network input (train) / longest side (test)
+    _C.IMAGE_SIZE = 512              # side of the square training input; longest side at test
     _C.SQUARE_CROP = CN()
-    _C.SQUARE_CROP.ENABLED = True    # the paper's random square crop of side max(H, W) * scale
+    _C.SQUARE_CROP.ENABLED = True    # random square crop of side max(H, W) * scale (paper)
     _C.SQUARE_CROP.SCALES = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
     _C.HFLIP_TRAIN = True            # horizontal flip with p = 0.5
     # Test-time resize: "fit" (longest side to IMAGE_SIZE, aspect kept) or "stretch" (authors: both

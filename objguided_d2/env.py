@@ -52,7 +52,9 @@ def registered_names() -> dict:
     from detectron2.data import DatasetCatalog
 
     names["DatasetCatalog"] = sorted(
-        n for n in DatasetCatalog.list() if n.split("_")[0] in {"dsb2018", "plant", "neural", "synthetic"}
+        name
+        for name in DatasetCatalog.list()
+        if name.split("_")[0] in {"dsb2018", "plant", "neural", "synthetic"}
     )
     return names
 

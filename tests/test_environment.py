@@ -31,8 +31,15 @@ def test_detectron2_and_pointrend_build_on_cpu():
     cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
     cfg.MODEL.ROI_HEADS.NAME = "PointRendROIHeads"
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "CoarseMaskHead"
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "PointRendMaskHead"
+    cfg.MODEL.ROI_MASK_HEAD.POINT_HEAD_ON = True
+    cfg.MODEL.POINT_HEAD.IN_FEATURES = ["p2"]
     cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE = ""
     cfg.MODEL.ROI_MASK_HEAD.FC_DIM = 64
     cfg.MODEL.ROI_MASK_HEAD.IN_FEATURES = ["p2"]
@@ -40,7 +47,8 @@ def test_detectron2_and_pointrend_build_on_cpu():
     cfg.MODEL.POINT_HEAD.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     model = build_model(cfg).eval()
     with torch.no_grad():
-        out = model([{"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "height": 64, "width": 64}])
+        image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+        out = model([{"image": image, "height": 64, "width": 64}])
     assert "instances" in out[0]
 
 
