@@ -18,6 +18,7 @@ def add_objguided_config(cfg: CN) -> None:
         return
     add_pointrend_config(cfg)
     _add_input_config(cfg)
+    _add_engine_config(cfg)
 
     # fmt: off
     cfg.MODEL.OBJGUIDED = CN()
@@ -62,7 +63,7 @@ def add_objguided_config(cfg: CN) -> None:
     # ---- Auxiliary feature refinement (training only; no cost at inference) ----
     _C.REFINE = CN()
     _C.REFINE.ENABLED = True         # the paper's "W. Refine"; False gives "W.O. Refine"
-    # "biased": the beta*N most uncertain of k*N random points; "uniform": random points only.
+    # "biased": the beta*N most uncertain of k*N random points; "uniform": beta*N random points.
     _C.REFINE.SAMPLING = "biased"
     _C.REFINE.OVERSAMPLE_RATIO = 3.0   # k of the paper's Table II
     _C.REFINE.IMPORTANCE_RATIO = 0.75  # beta of the paper's Table II
@@ -78,10 +79,30 @@ def _add_input_config(cfg: CN) -> None:
     _C.IMAGE_SIZE = 512              # side of the square training input; longest side at test
     _C.SQUARE_CROP = CN()
     _C.SQUARE_CROP.ENABLED = True    # random square crop of side max(H, W) * scale (paper)
+    # Scales s of the crop side, drawn uniformly (the authors' U{0.6, 0.7, ..., 1.3}).
     _C.SQUARE_CROP.SCALES = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
+    # Crop centres stay this far (px) from the image edges, halved until the image leaves room
+    # (authors' border 128; their swapped width/height is not reproduced). 0: anywhere.
+    _C.SQUARE_CROP.CENTER_MARGIN = 128
     _C.HFLIP_TRAIN = True            # horizontal flip with p = 0.5
     # Test-time resize: "fit" (longest side to IMAGE_SIZE, aspect kept) or "stretch" (authors: both
     # sides to IMAGE_SIZE). Predictions always come back at the original resolution.
     _C.TEST_RESIZE = "fit"
     _C.MIN_INSTANCE_SIZE = 2         # instances whose box is thinner than this (pixels) are dropped
+    # fmt: on
+
+
+def _add_engine_config(cfg: CN) -> None:
+    """Keys of the training engine and its evaluators (``objguided_d2.engine.Trainer``)."""
+    # fmt: off
+    # Optimizer of every architecture: "SGD" (detectron2's, with SOLVER.MOMENTUM / NESTEROV),
+    # "ADAM" (the authors: Adam, constant LR 1.25e-4, no weight decay) or "ADAMW". All honour
+    # SOLVER.BASE_LR, WEIGHT_DECAY(_NORM/_BIAS), BIAS_LR_FACTOR, CLIP_GRADIENTS and the LR schedule.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # Score a prediction needs to enter the biology metrics (AJI, PQ, F1, counts); the AP metrics
+    # rank all predictions instead.
+    cfg.TEST.BIO_SCORE_THRESH = 0.5
+    # Boxes of the paper-style APdet: "pred_boxes" (the model's, as COCO bbox AP) or "mask_tight"
+    # (tight boxes of the predicted masks, the authors' evaluation).
+    cfg.TEST.PAPER_AP_BOX_SOURCE = "pred_boxes"
     # fmt: on

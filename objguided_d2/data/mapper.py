@@ -1,0 +1,146 @@
+"""The dataset mapper every architecture of the project trains and tests with."""
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BitMasks, Boxes, Instances
+
+from .formats import segmentation_to_rle
+from .image_io import read_image
+from .transforms import RandomSquareCrop, ResizeToInput
+
+__all__ = ["BioDatasetMapper", "build_bio_augmentations", "tight_boxes"]
+
+# Masks are decoded at the original resolution a chunk at a time, to bound memory on large images
+# with hundreds of instances.
+_DECODE_BUDGET_BYTES = 64 * 2**20
+
+
+def build_bio_augmentations(cfg, is_train: bool) -> list:
+    """The paper's augmentations from ``cfg.INPUT`` (see :mod:`objguided_d2.data.transforms`)."""
+    size = cfg.INPUT.IMAGE_SIZE
+    if not is_train:
+        return [ResizeToInput(size, cfg.INPUT.TEST_RESIZE)]
+    crop = cfg.INPUT.SQUARE_CROP
+    if crop.ENABLED:
+        augmentations = [RandomSquareCrop(size, tuple(crop.SCALES), crop.CENTER_MARGIN)]
+    else:
+        augmentations = [RandomSquareCrop(size, random_center=False)]
+    if cfg.INPUT.HFLIP_TRAIN:
+        augmentations.append(T.RandomFlip(prob=0.5, horizontal=True, vertical=False))
+    return augmentations
+
+
+def tight_boxes(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool masks -> (N, 4) float32 XYXY boxes, (x1, y1) the first and (x2, y2) one past
+    the last pixel; an empty mask gives zeros."""
+    columns, rows = masks.any(axis=1), masks.any(axis=2)
+    width, height = columns.shape[1], rows.shape[1]
+    boxes = np.stack(
+        [
+            columns.argmax(axis=1),
+            rows.argmax(axis=1),
+            width - columns[:, ::-1].argmax(axis=1),
+            height - rows[:, ::-1].argmax(axis=1),
+        ],
+        axis=1,
+    ).astype(np.float32)
+    boxes[~columns.any(axis=1)] = 0
+    return boxes
+
+
+class BioDatasetMapper:
+    """Reads an image robustly, applies the augmentations, builds bitmask ground truth.
+
+    Input: a detectron2 dataset dict (file_name, height, width, image_id, annotations with COCO
+    RLE or polygon segmentations). Output: the dict without "annotations", plus
+    "image": uint8 tensor (C, H', W') in ``image_format`` (C = 3 for "BGR"/"RGB", 1 for "L"), and
+    in training "instances": Instances of size (H', W') with gt_boxes (Boxes, XYXY, tight boxes of
+    the masks), gt_classes (int64) and gt_masks (BitMasks). Instances whose box is under
+    ``min_instance_size`` px in width or height after the augmentations are dropped; crowd
+    annotations are ignored. "height"/"width" stay the original size, for mapping predictions back.
+    """
+
+    @configurable
+    def __init__(
+        self, is_train: bool, *, augmentations: list, image_format: str, min_instance_size: int
+    ):
+        """
+        Args:
+            is_train: build "instances" from the annotations.
+            augmentations: detectron2 Augmentations / Transforms, applied in order. Their
+                transforms must accept (H, W, N) uint8 masks in ``apply_segmentation``.
+            image_format: "BGR", "RGB" or "L".
+            min_instance_size: minimal box width and height (px) of a kept instance.
+        """
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.min_instance_size = min_instance_size
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> dict:
+        return {
+            "is_train": is_train,
+            "augmentations": build_bio_augmentations(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+            "min_instance_size": cfg.INPUT.MIN_INSTANCE_SIZE,
+        }
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        dataset_dict = dict(dataset_dict)  # the caller's dict is reused across epochs
+        annotations = dataset_dict.pop("annotations", [])
+        image = read_image(dataset_dict["file_name"], self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        original_size = image.shape[:2]
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if self.is_train:
+            dataset_dict["instances"] = self._instances(
+                annotations, transforms, original_size, image.shape[:2]
+            )
+        return dataset_dict
+
+    def _instances(self, annotations, transforms, original_size, output_size) -> Instances:
+        height, width = original_size
+        annotations = [a for a in annotations if not a.get("iscrowd", 0)]
+        rles = [segmentation_to_rle(a["segmentation"], height, width) for a in annotations]
+        classes = np.array([a["category_id"] for a in annotations], np.int64)
+        if rles:
+            # Instances whose box leaves the output canvas are never decoded.
+            boxes = mask_util.toBbox(rles)
+            boxes[:, 2:] += boxes[:, :2]
+            boxes = transforms.apply_box(boxes)
+            inside = (
+                (boxes[:, 2] > 0)
+                & (boxes[:, 0] < output_size[1])
+                & (boxes[:, 3] > 0)
+                & (boxes[:, 1] < output_size[0])
+            )
+            rles = [rle for rle, keep in zip(rles, inside) if keep]
+            classes = classes[inside]
+        masks = self._transform_masks(rles, transforms, original_size, output_size)
+        boxes = tight_boxes(masks)
+        keep = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        keep = keep >= self.min_instance_size
+        instances = Instances(output_size)
+        instances.gt_boxes = Boxes(torch.from_numpy(boxes[keep]))
+        instances.gt_classes = torch.from_numpy(classes[keep])
+        instances.gt_masks = BitMasks(torch.from_numpy(masks[keep]))
+        return instances
+
+    @staticmethod
+    def _transform_masks(rles, transforms, original_size, output_size) -> np.ndarray:
+        """(N, H', W') bool masks of ``rles`` after ``transforms``."""
+        chunk = max(1, _DECODE_BUDGET_BYTES // (original_size[0] * original_size[1]))
+        warped = [np.zeros((0, *output_size), bool)]
+        for start in range(0, len(rles), chunk):
+            decoded = mask_util.decode(rles[start : start + chunk])  # (H, W, n), Fortran order
+            masks = transforms.apply_segmentation(decoded)  # (H', W', n)
+            warped.append(masks.transpose(2, 0, 1).astype(bool))
+        return np.concatenate(warped)

@@ -1,0 +1,26 @@
+"""Evaluation: the paper's AP (VOC2010+ all-point, IoU 0.50:0.95, masks and boxes) and the
+object-level metrics biologists report (AJI, PQ, F1, SBD, counting errors), as detectron2
+evaluators.
+
+Not imported by ``import objguided_d2``; ``from objguided_d2.evaluation import ...`` loads it.
+"""
+
+from .bio_metrics import ImageStatistics, paint_by_score, paint_by_score_rles, summarize
+from .evaluator import BiologyEvaluator, PaperAPEvaluator
+from .matching import box_iou, encode_masks, mask_iou
+from .paper_ap import IOU_THRESHOLDS, PrecisionRecall, pooled_average_precision
+
+__all__ = [
+    "BiologyEvaluator",
+    "IOU_THRESHOLDS",
+    "ImageStatistics",
+    "PaperAPEvaluator",
+    "PrecisionRecall",
+    "box_iou",
+    "encode_masks",
+    "mask_iou",
+    "paint_by_score",
+    "paint_by_score_rles",
+    "pooled_average_precision",
+    "summarize",
+]

@@ -1,0 +1,759 @@
+"""Geometry of the object-guided mask branch: size-adaptive ROI pyramids, batched crops, masked
+per-ROI operations on padded ROI batches, paste-back and mask NMS.
+
+Pure tensor code (no detectron2 types). Everything is batched over ROIs (Python loops run over
+levels, size groups or memory chunks only) and runs on CPU and CUDA. Bilinear sampling is done with
+gathers (an embedding-bag sum over 4 taps) instead of ``grid_sample``, whose CUDA backward is
+non-deterministic: forward passes are gathers and matmuls, and the crops' backward also runs under
+``torch.use_deterministic_algorithms(True)``.
+
+Coordinates
+    Boxes are XYXY in detectron2's continuous pixel coordinates (pixel k spans [k, k + 1]).
+    Sample positions are in pixel-index coordinates (pixel k is centred on k), so a box's centre
+    is ((x1 + x2) / 2 - 0.5, (y1 + y2) / 2 - 0.5). Cell j of a stride-s feature map is centred on
+    input pixel (j + 0.5) * s - 0.5, i.e. input position x reads the map at u = (x + 0.5) / s - 0.5
+    (bilinear, zero outside the map).
+
+ROI pyramid
+    An ROI is its box scaled by ``enlarge`` about the centre: (w', h'). Level i (stride s_i) samples
+    int(h' / s_i) x int(w' / s_i) points spanning the enlarged box end to end,
+    x_k = cx - w'/2 + k * w' / (n - 1), k = 0..n-1 (same in y). Levels stop at the first one whose
+    h' / s_i or w' / s_i is below ``min_size``; an ROI whose level 0 fails has no level (skipped).
+
+Padded ROI batches
+    ROIs of different sizes travel as (R, C, Hp, Wp) tensors: ROI r occupies its top-left
+    h_r x w_r corner (its "valid region", see :func:`valid_mask`) and is zero elsewhere.
+    Invariant for code that runs layers on such batches: a zero-padded convolution
+    (padding = k // 2) gives, inside the valid region, exactly what it gives on the ROI alone iff
+    its input is zero outside the valid region. A conv writes outside it (border taps, bias), so
+    multiply by the valid mask before the next conv. :func:`masked_instance_norm` and
+    :func:`resize_rois_bilinear` return zeros outside, and ReLU keeps zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "RoiPyramid",
+    "RoiGroup",
+    "build_roi_pyramid",
+    "valid_mask",
+    "group_rois",
+    "crop_rois",
+    "crop_roi_groups",
+    "crop_masks",
+    "masked_instance_norm",
+    "resize_rois_bilinear",
+    "paste_masks",
+    "mask_to_boxes",
+    "mask_nms",
+    # bilinear-gather building blocks shared with point_sampling
+    "linear_taps",
+    "bilinear_tap_rows",
+    "gather_bilinear",
+    "channel_rows",
+]
+
+
+@dataclass
+class RoiPyramid:
+    """Size-adaptive crop grids of R ROIs over L levels (see the module docstring).
+
+    Attributes:
+        centers: (R, 2) float64 (cx, cy) box centres in pixel-index coordinates.
+        sizes: (R, 2) float64 (w', h') enlarged box sizes in input pixels.
+        level_hw: (R, L, 2) int64 (h, w) samples per level; zero at levels beyond the ROI's last.
+        num_levels: (R,) int64 levels of each ROI; 0 means the ROI is skipped.
+        strides: the L level strides, e.g. (1, 2, 4, 8, 16).
+    """
+
+    centers: torch.Tensor
+    sizes: torch.Tensor
+    level_hw: torch.Tensor
+    num_levels: torch.Tensor
+    strides: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return self.centers.shape[0]
+
+    def __getitem__(self, index: torch.Tensor | slice) -> RoiPyramid:
+        """The pyramid of a subset of ROIs (index: (K,) int64, (R,) bool or a slice)."""
+        return RoiPyramid(
+            centers=self.centers[index],
+            sizes=self.sizes[index],
+            level_hw=self.level_hw[index],
+            num_levels=self.num_levels[index],
+            strides=self.strides,
+        )
+
+
+@dataclass
+class RoiGroup:
+    """ROIs batched together: same number of levels, padded to common sizes per level.
+
+    Attributes:
+        indices: (G,) int64 indices into the pyramid the group was built from.
+        pad_hw: one (Hp, Wp) per level of the group (its ROIs' largest crop at that level).
+    """
+
+    indices: torch.Tensor
+    pad_hw: tuple[tuple[int, int], ...]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.pad_hw)
+
+
+def build_roi_pyramid(
+    boxes: torch.Tensor,
+    strides: Sequence[int] = (1, 2, 4, 8, 16),
+    enlarge: float = 1.1,
+    min_size: float = 2.0,
+) -> RoiPyramid:
+    """Crop grids of the enlarged boxes at every level.
+
+    Args:
+        boxes: (R, 4) XYXY boxes in network-input pixels (continuous coordinates).
+        strides: stride of each level, shallowest first.
+        enlarge: factor applied to the box width and height about its centre.
+        min_size: smallest side (in level units) a level may have.
+
+    Returns:
+        The :class:`RoiPyramid` (on ``boxes.device``). Sizes are decided in float64 so that e.g.
+        1.1 * 30 gives 33 samples on every device.
+    """
+    boxes = boxes.to(torch.float64)
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2 - 0.5
+    sizes = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0) * enlarge
+    stride_t = torch.tensor(strides, dtype=torch.float64, device=boxes.device)
+    # (R, L, 2) level sizes in level units, (h, w) order
+    level_sides = sizes.flip(1)[:, None, :] / stride_t[None, :, None]
+    fits = (level_sides >= min_size).all(dim=2)
+    # levels stop at the first that fails: keep the leading run of True
+    fits = fits.cumprod(dim=1).bool()
+    level_hw = level_sides.floor().long() * fits[:, :, None]
+    return RoiPyramid(
+        centers=centers,
+        sizes=sizes,
+        level_hw=level_hw,
+        num_levels=fits.sum(dim=1),
+        strides=tuple(int(s) for s in strides),
+    )
+
+
+def valid_mask(hw: torch.Tensor, pad_hw: Sequence[int]) -> torch.Tensor:
+    """(R, 1, Hp, Wp) bool mask of each ROI's top-left h x w valid region; hw: (R, 2) (h, w)."""
+    rows = torch.arange(pad_hw[0], device=hw.device)
+    cols = torch.arange(pad_hw[1], device=hw.device)
+    inside = (rows[None, :, None] < hw[:, 0, None, None]) & (
+        cols[None, None, :] < hw[:, 1, None, None]
+    )
+    return inside[:, None]
+
+
+def _size_buckets(sizes: torch.Tensor, ratio: float, min_size: float) -> torch.Tensor:
+    """Geometric bucket of each size: sizes sharing a bucket differ by less than ``ratio``
+    (all sizes up to ``min_size * ratio`` share bucket 0)."""
+    scaled = sizes.to(torch.float64).clamp(min=min_size) / min_size
+    # the epsilon puts sizes exactly on a bucket edge (e.g. 10 = 8 * 1.25) in the upper bucket
+    return (scaled.log() / math.log(ratio) + 1e-9).floor().long()
+
+
+def _split_by_key(
+    keys: torch.Tensor, chunk_limit: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Indices of equal rows of ``keys`` (M, K) int64, groups in key order, members in index order.
+
+    chunk_limit: optional (M,) int64, the most members the group of each row may have; larger
+    groups are split into consecutive chunks.
+    """
+    if keys.shape[0] == 0:
+        return []
+    _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    order = torch.sort(inverse, stable=True).indices
+    if chunk_limit is not None:
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_group = inverse[order]
+        rank = torch.arange(order.shape[0], device=keys.device) - starts[sorted_group]
+        chunk = rank // chunk_limit[order].clamp(min=1)
+        _, counts = torch.unique_consecutive(
+            torch.stack((sorted_group, chunk), dim=1), dim=0, return_counts=True
+        )
+    return list(torch.split(order, counts.tolist()))
+
+
+def group_rois(
+    pyramid: RoiPyramid,
+    size_ratio: float = 1.25,
+    min_bucket_size: float = 8.0,
+    max_group_pixels: int | None = None,
+) -> list[RoiGroup]:
+    """Split the ROIs into batches whose padding waste is bounded.
+
+    ROIs of one group have the same number of levels and level-0 sides within a factor
+    ``size_ratio`` of the group's padded sides (so padded area <= size_ratio**2 * own area),
+    except sides up to ``min_bucket_size * size_ratio``, which share one bucket.
+
+    Args:
+        pyramid: R ROIs; skipped ROIs (no level) belong to no group.
+        size_ratio: per-axis bound on padded side / own side (> 1).
+        min_bucket_size: sides below this all fall into the smallest bucket.
+        max_group_pixels: if given, groups are split so that G * Hp * Wp at level 0 stays within
+            it (a group always keeps at least one ROI).
+
+    Returns:
+        Groups in order of (levels, height bucket, width bucket); every kept ROI is in one.
+    """
+    kept = torch.nonzero(pyramid.num_levels > 0).squeeze(1)
+    level0 = pyramid.level_hw[kept, 0]
+    keys = torch.stack(
+        (
+            pyramid.num_levels[kept],
+            _size_buckets(level0[:, 0], size_ratio, min_bucket_size),
+            _size_buckets(level0[:, 1], size_ratio, min_bucket_size),
+        ),
+        dim=1,
+    )
+    chunk_limit = None
+    if max_group_pixels is not None and kept.numel() > 0:
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        pad0 = torch.zeros(int(inverse.max()) + 1, 2, dtype=torch.long, device=keys.device)
+        pad0 = pad0.scatter_reduce(0, inverse[:, None].expand(-1, 2), level0, "amax")
+        chunk_limit = max_group_pixels // pad0.prod(dim=1)[inverse]
+    members = _split_by_key(keys, chunk_limit)
+    if not members:
+        return []
+    group_id = torch.cat([torch.full_like(m, g) for g, m in enumerate(members)])
+    pads = torch.zeros(
+        len(members), *pyramid.level_hw.shape[1:], dtype=torch.long, device=kept.device
+    )
+    hw = pyramid.level_hw[kept[torch.cat(members)]]
+    pads = pads.scatter_reduce(0, group_id[:, None, None].expand_as(hw), hw, "amax")
+    levels = pyramid.num_levels[kept[torch.stack([m[0] for m in members])]]
+    return [
+        RoiGroup(indices=kept[m], pad_hw=tuple((h, w) for h, w in pad[:n]))
+        for m, pad, n in zip(members, pads.tolist(), levels.tolist())
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bilinear sampling by gathers
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_taps(
+    pos: torch.Tensor, length: torch.Tensor, valid: torch.Tensor, clamp_to_edge: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Taps of 1-D linear interpolation at float positions.
+
+    Args:
+        pos: (R, K) float64 positions in index coordinates of a source of ``length`` samples.
+        length: (R, 1) int64 source lengths (per ROI).
+        valid: (R, K) bool; invalid positions get zero weights.
+        clamp_to_edge: F.interpolate's rule (positions below 0 read sample 0, the upper tap never
+            passes the last sample); otherwise taps outside the source weigh zero (zero padding).
+
+    Returns:
+        taps (2, R, K) int64 clamped into [0, length - 1] and weights (2, R, K) float64.
+    """
+    if clamp_to_edge:
+        pos = pos.clamp(min=0)
+    low = pos.floor()
+    frac = pos - low
+    low = low.long()
+    taps = torch.stack((low, low + 1))
+    weights = torch.stack((1 - frac, frac)) * valid
+    last = (length - 1).clamp(min=0)
+    if not clamp_to_edge:
+        weights = weights * ((taps >= 0) & (taps <= last))
+    taps = torch.minimum(taps.clamp(min=0), last)
+    return taps, weights
+
+
+def bilinear_tap_rows(
+    plane_rows: torch.Tensor,
+    row_width: int,
+    y_taps: tuple[torch.Tensor, torch.Tensor],
+    x_taps: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices and weights of the 4 bilinear taps into a (planes * height * row_width) array.
+
+    plane_rows: first row of each output's source plane (plane * height), broadcastable with the
+    taps; y_taps / x_taps: (taps (2, ...), weights (2, ...)) broadcastable to a common shape S.
+    Returns index (*S, 4) int64 and weights (*S, 4) float64.
+    """
+    (ty, wy), (tx, wx) = y_taps, x_taps
+    index = torch.stack(
+        [(plane_rows + ty[a]) * row_width + tx[b] for a in (0, 1) for b in (0, 1)], dim=-1
+    )
+    weights = torch.stack([wy[a] * wx[b] for a in (0, 1) for b in (0, 1)], dim=-1)
+    return index, weights
+
+
+def gather_bilinear(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_t weights[..., t] * rows[index[..., t]]: (*S, 4) taps over (M, C) rows -> (*S, C).
+
+    One dense embedding-bag gather: no per-tap temporaries, and its backward accumulates into a
+    single gradient of ``rows``.
+    """
+    out = F.embedding_bag(
+        index.reshape(-1, 4),
+        rows,
+        per_sample_weights=weights.reshape(-1, 4).to(rows.dtype),
+        mode="sum",
+    )
+    return out.view(*index.shape[:-1], rows.shape[1])
+
+
+def channel_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N * H * W, C) channels-last rows, the layout the gathers read."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _rows_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """(R, H, W, C) -> contiguous (R, C, H, W)."""
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _level_positions(
+    pyramid: RoiPyramid, level: int, pad_hw: Sequence[int]
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Sample positions of every ROI at ``level`` in that level's map coordinates.
+
+    Returns ((y (R, Hp), y_valid (R, Hp)), (x (R, Wp), x_valid (R, Wp))), float64 positions
+    u = (x + 0.5) / s - 0.5 of x_k = c - size / 2 + k * size / (n - 1); padded entries invalid.
+    """
+    stride = pyramid.strides[level]
+    axes = []
+    for axis, pad in ((1, pad_hw[0]), (0, pad_hw[1])):
+        count = pyramid.level_hw[:, level, 1 - axis]
+        k = torch.arange(pad, dtype=torch.float64, device=count.device)
+        size = pyramid.sizes[:, axis, None]
+        step = size / (count[:, None] - 1).clamp(min=1)
+        pos = pyramid.centers[:, axis, None] - size / 2 + k * step
+        axes.append(((pos + 0.5) / stride - 0.5, k < count[:, None]))
+    return axes[0], axes[1]
+
+
+def _crop_taps(
+    pyramid: RoiPyramid, level: int, pad_hw: Sequence[int], height: int, width: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Zero-padded bilinear taps of each ROI's crop grid on a height x width map, shaped to
+    broadcast to (R, Hp, Wp)."""
+    (y, y_valid), (x, x_valid) = _level_positions(pyramid, level, pad_hw)
+    heights = torch.full_like(y[:, :1], height, dtype=torch.long)
+    widths = torch.full_like(x[:, :1], width, dtype=torch.long)
+    ty, wy = linear_taps(y, heights, y_valid, clamp_to_edge=False)
+    tx, wx = linear_taps(x, widths, x_valid, clamp_to_edge=False)
+    return (ty[..., None], wy[..., None]), (tx[:, :, None, :], wx[:, :, None, :])
+
+
+def _crop_packed(
+    feature: torch.Tensor,
+    batch_index: torch.Tensor,
+    pyramid: RoiPyramid,
+    level: int,
+    batches: Sequence[tuple[torch.Tensor | slice, tuple[int, int]]],
+) -> list[torch.Tensor]:
+    """Crops of several padded batches (ROI subset, (Hp, Wp)) of one level, one gather for all."""
+    _, channels, height, width = feature.shape
+    indices, weights, shapes = [], [], []
+    for rois, pad_hw in batches:
+        y_taps, x_taps = _crop_taps(pyramid[rois], level, pad_hw, height, width)
+        plane_rows = (batch_index[rois] * height).view(-1, 1, 1)
+        index, weight = bilinear_tap_rows(plane_rows, width, y_taps, x_taps)
+        indices.append(index.reshape(-1, 4))
+        weights.append(weight.reshape(-1, 4))
+        shapes.append((plane_rows.shape[0], *pad_hw))
+    samples = gather_bilinear(channel_rows(feature), torch.cat(indices), torch.cat(weights))
+    sizes = [g * h * w for g, h, w in shapes]
+    return [
+        _rows_to_nchw(part.view(*shape, channels))
+        for part, shape in zip(torch.split(samples, sizes), shapes)
+    ]
+
+
+def crop_roi_groups(
+    feature: torch.Tensor,
+    batch_index: torch.Tensor,
+    pyramid: RoiPyramid,
+    level: int,
+    groups: Sequence[RoiGroup],
+) -> list[torch.Tensor]:
+    """Crop one level for several ROI groups with a single gather.
+
+    One gather per level keeps the backward to a single gradient accumulation into ``feature``
+    however many groups there are (cropping group by group would add one full-size gradient of
+    ``feature`` per group).
+
+    Args:
+        feature: (N, C, H, W) the level's map, stride ``pyramid.strides[level]``.
+        batch_index: (R,) int64 image of each ROI of ``pyramid``.
+        pyramid: the R ROIs.
+        level: level to crop; every group must have it (``level < group.num_levels``).
+        groups: index groups into ``pyramid`` with their pads.
+
+    Returns:
+        Per group a (G, C, Hp, Wp) tensor (Hp, Wp = ``group.pad_hw[level]``): ROI crops sampled
+        bilinearly at the pyramid's positions, zero outside each ROI's valid region.
+    """
+    if not groups:
+        return []
+    batches = [(group.indices, group.pad_hw[level]) for group in groups]
+    return _crop_packed(feature, batch_index, pyramid, level, batches)
+
+
+def crop_rois(
+    feature: torch.Tensor,
+    batch_index: torch.Tensor,
+    pyramid: RoiPyramid,
+    level: int,
+    pad_hw: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop one level for all ROIs into one padded batch.
+
+    Args:
+        feature: (N, C, H, W) the level's map, stride ``pyramid.strides[level]``.
+        batch_index: (R,) int64 image of each ROI.
+        pyramid: the R ROIs.
+        level: level to crop.
+        pad_hw: (Hp, Wp), at least the largest (h, w) of the level.
+
+    Returns:
+        crops (R, C, Hp, Wp), zero outside each ROI's valid region (ROIs without this level are
+        all zero), and valid (R, 1, Hp, Wp) bool.
+    """
+    pad_hw = (int(pad_hw[0]), int(pad_hw[1]))
+    (crops,) = _crop_packed(feature, batch_index, pyramid, level, [(slice(None), pad_hw)])
+    return crops, valid_mask(pyramid.level_hw[:, level], pad_hw)
+
+
+def crop_masks(
+    masks: torch.Tensor,
+    pyramid: RoiPyramid,
+    pad_hw: Sequence[int],
+    mask_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Soft ROI masks: each ROI's mask sampled bilinearly on its level-0 grid.
+
+    Only the 4 taps of every sample are read from ``masks`` (no float copy of the full masks).
+
+    Args:
+        masks: (M, H, W) bool, uint8 or float masks at network-input resolution.
+        pyramid: the R ROIs.
+        pad_hw: (Hp, Wp), at least the largest level-0 (h, w).
+        mask_index: (R,) int64 mask of each ROI; default ROI r reads mask r.
+
+    Returns:
+        (R, 1, Hp, Wp) float32 in [0, 1], zero outside each ROI's valid region.
+    """
+    num_rois = len(pyramid)
+    height, width = masks.shape[1:]
+    if mask_index is None:
+        mask_index = torch.arange(num_rois, device=masks.device)
+    y_taps, x_taps = _crop_taps(pyramid, 0, pad_hw, height, width)
+    plane_rows = (mask_index * height).view(-1, 1, 1)
+    index, weights = bilinear_tap_rows(plane_rows, width, y_taps, x_taps)
+    values = masks.reshape(-1)[index].to(torch.float64)
+    return (values * weights).sum(dim=-1).float()[:, None]
+
+
+def masked_instance_norm(
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    eps: float = 1e-5,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Instance norm of each ROI over its valid region only.
+
+    Equals ``nn.InstanceNorm2d(C, eps, affine=weight is not None)`` applied to each unpadded ROI
+    (biased variance, no running stats).
+
+    Args:
+        x: (R, C, Hp, Wp) padded ROI batch.
+        valid: (R, 1, Hp, Wp) bool or 0/1 float valid regions.
+        eps: added to the variance.
+        weight, bias: optional (C,) affine parameters.
+
+    Returns:
+        (R, C, Hp, Wp) normalized, zero outside the valid regions (and for empty ROIs).
+    """
+    # statistics in float32 even under autocast, as nn.InstanceNorm2d computes them
+    values = x.float()
+    valid = valid.to(values.dtype)
+    count = valid.sum(dim=(2, 3), keepdim=True).clamp(min=1)
+    mean = (values * valid).sum(dim=(2, 3), keepdim=True) / count
+    centered = (values - mean) * valid
+    var = centered.square().sum(dim=(2, 3), keepdim=True) / count
+    out = centered * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight.view(1, -1, 1, 1)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1) * valid
+    return out.to(x.dtype)
+
+
+def resize_rois_bilinear(
+    x: torch.Tensor, in_hw: torch.Tensor, out_hw: torch.Tensor, pad_hw: Sequence[int]
+) -> torch.Tensor:
+    """Resize each ROI from its own size to its own target size.
+
+    Reproduces ``F.interpolate(roi, size=(h_o, w_o), mode="bilinear", align_corners=False)`` of
+    every unpadded ROI (per-ROI scale factors, source coordinates clamped to the ROI's edges).
+
+    Args:
+        x: (R, C, Hl, Wl) padded ROI batch, ROI r valid in its top-left ``in_hw[r]``.
+        in_hw: (R, 2) int64 (h_l, w_l) source sizes.
+        out_hw: (R, 2) int64 (h_o, w_o) target sizes.
+        pad_hw: (Ho, Wo) padded output size, at least the largest target size.
+
+    Returns:
+        (R, C, Ho, Wo), zero outside each ROI's target region.
+    """
+    num_rois, _, pad_h, pad_w = x.shape
+    taps = []
+    for axis, pad in enumerate(pad_hw):
+        k = torch.arange(pad, dtype=torch.float64, device=x.device)
+        scale = in_hw[:, axis, None].double() / out_hw[:, axis, None].clamp(min=1)
+        taps.append(
+            linear_taps(
+                (k + 0.5) * scale - 0.5, in_hw[:, axis, None], k < out_hw[:, axis, None], True
+            )
+        )
+    (ty, wy), (tx, wx) = taps
+    plane_rows = (torch.arange(num_rois, device=x.device) * pad_h).view(-1, 1, 1)
+    index, weights = bilinear_tap_rows(
+        plane_rows, pad_w, (ty[..., None], wy[..., None]), (tx[:, :, None, :], wx[:, :, None, :])
+    )
+    return _rows_to_nchw(gather_bilinear(channel_rows(x), index, weights))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paste-back
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_hot_rows(taps: torch.Tensor, weights: torch.Tensor, origin: torch.Tensor, length: int):
+    """(R, K, length) float32 matrix holding weights[a, r, k] at column taps[a, r, k] - origin[r]
+    for both taps a (taps falling outside [0, length) are dropped)."""
+    columns = torch.arange(length, device=taps.device)
+    local = (taps - origin.view(1, -1, 1))[..., None]
+    return ((local == columns) * weights.float()[..., None]).sum(dim=0)
+
+
+def paste_masks(
+    probs: torch.Tensor,
+    pyramid: RoiPyramid,
+    input_hw: Sequence[int],
+    output_hw: Sequence[int] | None = None,
+    threshold: float = 0.5,
+    max_chunk_bytes: int = 1 << 28,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paste level-0 ROI probabilities back into full-image binary masks.
+
+    Each ROI sample (position from the pyramid) splats p * w and w onto its 4 integer neighbours
+    with bilinear weights w; the canvas value is sum(p * w) / sum(w) (0 where nothing lands). When
+    ``output_hw`` differs, the soft canvas is resized bilinearly (align_corners=False,
+    x_out + 0.5 = (x_in + 0.5) * W / w per axis) before thresholding (value >= threshold).
+    Splatting and resizing are separable, so both run as batched matmuls on each ROI's local window.
+
+    Args:
+        probs: (R, 1, Hp, Wp) level-0 ROI probabilities, ROI r valid in its level-0 (h, w).
+        pyramid: the R ROIs (their boxes in the ``input_hw`` image).
+        input_hw: (h, w) image the boxes refer to.
+        output_hw: (H, W) size of the masks; default ``input_hw``.
+        threshold: probability at or above which a pixel is foreground.
+        max_chunk_bytes: rough bound on the temporaries of one chunk of ROIs.
+        out: optional (R, H, W) bool tensor to write into (it must be all False).
+
+    Returns:
+        (R, H, W) bool masks (``out`` when given). Skipped ROIs give empty masks.
+    """
+    in_h, in_w = (int(v) for v in input_hw)
+    out_h, out_w = (int(v) for v in (output_hw if output_hw is not None else input_hw))
+    num_rois, _, pad_h, pad_w = probs.shape
+    device = probs.device
+    if out is None:
+        out = torch.zeros(num_rois, out_h, out_w, dtype=torch.bool, device=device)
+    # the splat of a sample spacing > 1 px covers at most pad + 2 pixels per axis
+    win_h, win_w = min(pad_h + 3, in_h), min(pad_w + 3, in_w)
+    resize = (out_h, out_w) != (in_h, in_w)
+    if resize:
+        res_h = min(math.ceil((win_h + 1) * out_h / in_h) + 2, out_h)
+        res_w = min(math.ceil((win_w + 1) * out_w / in_w) + 2, out_w)
+    else:
+        res_h, res_w = win_h, win_w
+    # bytes per ROI: one-hot matrices (bool + float32 per tap), float32 canvases, the bool window
+    one_hot = pad_h * win_h + pad_w * win_w + res_h * win_h + res_w * win_w
+    canvases = pad_h * pad_w + win_h * pad_w + 3 * win_h * win_w + res_h * win_w + res_h * res_w
+    per_roi = 10 * one_hot + 4 * canvases + res_h * res_w
+    chunk = max(1, max_chunk_bytes // per_roi)
+    for start in range(0, num_rois, chunk):
+        part = pyramid[start : start + chunk]
+        (y, y_valid), (x, x_valid) = _level_positions(part, 0, (pad_h, pad_w))
+        # (R, 2): per-ROI window origin, clamped so the window lies inside the image
+        first = torch.stack((y[:, 0], x[:, 0]), dim=1).floor().long()
+        limit = torch.tensor([in_h - win_h, in_w - win_w], device=device)
+        origin = torch.minimum(first.clamp(min=0), limit)
+        splat = []
+        for pos, valid, axis, length, size in (
+            (y, y_valid, 0, win_h, in_h),
+            (x, x_valid, 1, win_w, in_w),
+        ):
+            taps, weights = linear_taps(
+                pos, torch.full_like(pos[:, :1], size, dtype=torch.long), valid, False
+            )
+            splat.append(_one_hot_rows(taps, weights, origin[:, axis], length))
+        splat_y, splat_x = splat  # (R, Hp, win_h), (R, Wp, win_w)
+        p = probs[start : start + chunk, 0].float()
+        numerator = splat_y.transpose(1, 2) @ p @ splat_x
+        denominator = splat_y.sum(dim=1)[:, :, None] * splat_x.sum(dim=1)[:, None, :]
+        soft = torch.where(denominator > 0, numerator / denominator.clamp(min=1e-30), 0.0)
+        if resize:
+            resample, res_origin = [], []
+            for axis, length, res_len, size_in, size_out in (
+                (0, win_h, res_h, in_h, out_h),
+                (1, win_w, res_w, in_w, out_w),
+            ):
+                scale = size_out / size_in
+                first_out = ((origin[:, axis] - 0.5) * scale - 0.5).floor().long()
+                o = first_out.clamp(min=0, max=size_out - res_len)
+                k = torch.arange(res_len, device=device, dtype=torch.float64)
+                src = (o[:, None] + k + 0.5) / scale - 0.5
+                lengths = torch.full_like(o[:, None], size_in)
+                taps, weights = linear_taps(
+                    src, lengths, torch.ones_like(src, dtype=torch.bool), True
+                )
+                resample.append(_one_hot_rows(taps, weights, origin[:, axis], length))
+                res_origin.append(o)
+            soft = resample[0] @ soft @ resample[1].transpose(1, 2)
+            origin = torch.stack(res_origin, dim=1)
+        rows = origin[:, 0, None] + torch.arange(res_h, device=device)
+        cols = origin[:, 1, None] + torch.arange(res_w, device=device)
+        rois = torch.arange(start, start + soft.shape[0], device=device)
+        out[rois[:, None, None], rows[:, :, None], cols[:, None, :]] = soft >= threshold
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask boxes and mask NMS
+# ---------------------------------------------------------------------------------------------
+
+
+def mask_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight XYXY boxes (N, 4) float32 of (N, H, W) bool masks (x2 = last column + 1, like
+    detectron2's ``BitMasks.get_bounding_boxes``, which loops over masks); empty masks give zeros.
+    """
+    # uint8 max-reductions are several times faster than bool any() on CPU
+    as_bytes = (
+        masks.view(torch.uint8) if masks.dtype == torch.bool else masks.ne(0).view(torch.uint8)
+    )
+    boxes = []
+    for axis in (1, 2):  # columns then rows
+        occupied = as_bytes.amax(dim=axis).bool()
+        positions = torch.arange(occupied.shape[1], device=masks.device)
+        first = torch.where(occupied, positions, occupied.shape[1]).amin(dim=1)
+        last = torch.where(occupied, positions, -1).amax(dim=1)
+        empty = last < 0
+        boxes.append((first.masked_fill(empty, 0), (last + 1).masked_fill(empty, 0)))
+    (x1, x2), (y1, y2) = boxes
+    return torch.stack((x1, y1, x2, y2), dim=1).float()
+
+
+def _count_in_windows(
+    masks: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor | None,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    max_chunk_elements: int,
+) -> torch.Tensor:
+    """Pixels set in ``masks[first[p]]`` (and ``masks[second[p]]`` when given) inside the window
+    [lo[p], hi[p]) ((x, y) corners) of each of P windows: (P,) int64.
+
+    Only the windows are read, gathered in chunks of windows of similar size.
+    """
+    device = masks.device
+    extent = hi - lo
+    counts = torch.zeros(first.shape[0], dtype=torch.long, device=device)
+    keys = torch.stack([_size_buckets(extent[:, axis], 1.5, 8.0) for axis in (1, 0)], dim=1)
+    for bucket in _split_by_key(keys):
+        pad_w, pad_h = (int(v) for v in extent[bucket].amax(dim=0))
+        for part in torch.split(bucket, max(1, max_chunk_elements // max(pad_h * pad_w, 1))):
+            rows = lo[part, 1, None] + torch.arange(pad_h, device=device)
+            cols = lo[part, 0, None] + torch.arange(pad_w, device=device)
+            inside = (rows < hi[part, 1, None])[:, :, None] & (cols < hi[part, 0, None])[:, None, :]
+            # rows / cols past the window are masked out; clamping keeps their reads in bounds
+            rows = rows.clamp(max=masks.shape[1] - 1)[:, :, None]
+            cols = cols.clamp(max=masks.shape[2] - 1)[:, None, :]
+            hits = masks[first[part, None, None], rows, cols] & inside
+            if second is not None:
+                hits &= masks[second[part, None, None], rows, cols]
+            counts[part] = hits.sum(dim=(1, 2))
+    return counts
+
+
+def mask_nms(
+    masks: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float,
+    max_chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Greedy mask NMS: a mask whose IoU with a higher-scored kept mask exceeds the threshold is
+    suppressed. Empty masks are dropped (never kept); ties in score keep the lower index first.
+
+    Masks are read in full once (their tight boxes); areas and intersections then read only the
+    boxes of each mask and the overlaps of box-overlapping pairs.
+
+    Args:
+        masks: (N, H, W) bool.
+        scores: (N,) scores.
+        iou_threshold: IoU above which the lower-scored mask is suppressed.
+        max_chunk_elements: bound on the pixels gathered at once.
+
+    Returns:
+        keep (K,) int64 indices into ``masks``, by decreasing score.
+    """
+    device = masks.device
+    boxes = mask_to_boxes(masks).long()
+    nonempty = torch.nonzero(boxes[:, 2] > boxes[:, 0]).squeeze(1)
+    if nonempty.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    order = nonempty[torch.sort(scores[nonempty], descending=True, stable=True).indices]
+    boxes = boxes[order]
+    areas = _count_in_windows(masks, order, None, boxes[:, :2], boxes[:, 2:], max_chunk_elements)
+    # pairs (i < j in score order) whose boxes overlap, and the overlaps
+    lo = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    hi = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    num = order.shape[0]
+    upper = torch.ones(num, num, dtype=torch.bool, device=device).triu(1)
+    pairs = torch.nonzero((hi > lo).all(dim=2) & upper)
+    lo, hi = lo[pairs[:, 0], pairs[:, 1]], hi[pairs[:, 0], pairs[:, 1]]
+    inter = _count_in_windows(
+        masks, order[pairs[:, 0]], order[pairs[:, 1]], lo, hi, max_chunk_elements
+    )
+    iou = inter.double() / (areas[pairs[:, 0]] + areas[pairs[:, 1]] - inter).double()
+    suppressing = pairs[iou > iou_threshold].cpu().numpy()
+    # suppression graph in score order: row i marks the later masks that kept mask i removes
+    graph = np.zeros((num, num), dtype=bool)
+    graph[suppressing[:, 0], suppressing[:, 1]] = True
+    removed = np.zeros(num, dtype=bool)
+    kept = []
+    current = 0
+    while True:  # one iteration per kept mask
+        kept.append(current)
+        removed |= graph[current]
+        later = np.flatnonzero(~removed[current + 1 :])
+        if later.size == 0:
+            break
+        current += 1 + int(later[0])
+    return order[torch.as_tensor(kept, dtype=torch.long, device=device)]

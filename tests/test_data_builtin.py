@@ -1,0 +1,146 @@
+"""Dataset registration: standard names, clear errors for missing data, a user's own datasets."""
+
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+
+from objguided_d2.data import (
+    register_builtin_datasets,
+    register_coco_instances_dataset,
+    register_label_folder_dataset,
+    register_synthetic_neural_dataset,
+    save_coco_json,
+)
+from objguided_d2.data.formats import label_image_to_annotations
+
+REPO = Path(__file__).resolve().parents[1]
+STANDARD_NAMES = [
+    *(f"{d}_{s}" for d in ("dsb2018", "plant", "neural") for s in ("train", "val", "test")),
+    "synthetic_neural_train",
+    "synthetic_neural_val",
+]
+
+
+@pytest.fixture
+def empty_root(tmp_path):
+    """The standard names registered from an empty data root, restored afterwards."""
+    register_builtin_datasets(tmp_path)
+    yield tmp_path
+    register_builtin_datasets()
+
+
+@pytest.fixture
+def registered():
+    """Names registered by a test, removed afterwards."""
+    names = []
+    yield names
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_standard_names_are_registered_on_import():
+    assert set(STANDARD_NAMES) <= set(DatasetCatalog.list())
+    assert MetadataCatalog.get("dsb2018_val").thing_classes == ["nucleus"]
+    assert MetadataCatalog.get("plant_train").thing_classes == ["leaf"]
+
+
+def test_registration_reads_nothing(empty_root):
+    assert set(STANDARD_NAMES) <= set(DatasetCatalog.list())
+    assert list(empty_root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name, layout, command",
+    [
+        ("dsb2018_val", "stage1_train/<id>/masks/", "python datasets/prepare_dsb2018.py"),
+        ("plant_train", "<name>_label.png", "python datasets/prepare_plant.py"),
+        ("neural_test", "<source>/mask/<name>.png", "python datasets/prepare_neural.py"),
+    ],
+)
+def test_missing_dataset_names_its_layout_and_command(empty_root, name, layout, command):
+    dataset = name.rsplit("_", 1)[0]
+    with pytest.raises(FileNotFoundError) as error:
+        DatasetCatalog.get(name)
+    message = str(error.value)
+    assert f"'{name}'" in message and layout in message and command in message
+    assert str(empty_root / dataset / f"{name}.json") in message
+
+
+def write_labelled_images(folder: Path, count: int) -> list:
+    """``count`` images with label images in ``folder``; their dataset dicts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in range(count):
+        labels = np.zeros((24, 32), np.uint16)
+        labels[2:6, 3 : 5 + index] = 1
+        labels[10:20, 10:30] = 2
+        Image.fromarray(np.full((24, 32), 50, np.uint8)).save(folder / f"im{index}.png")
+        Image.fromarray(labels).save(folder / f"im{index}_masks.png")
+        records.append(
+            {
+                "file_name": str(folder / f"im{index}.png"),
+                "height": 24,
+                "width": 32,
+                "annotations": label_image_to_annotations(labels),
+            }
+        )
+    return records
+
+
+def test_prepared_standard_dataset_loads(empty_root):
+    records = write_labelled_images(empty_root / "dsb2018" / "images", 2)
+    save_coco_json(records, empty_root / "dsb2018" / "dsb2018_val.json", ["nucleus"])
+    loaded = DatasetCatalog.get("dsb2018_val")
+    assert [r["file_name"] for r in loaded] == [r["file_name"] for r in records]
+    assert [len(r["annotations"]) for r in loaded] == [2, 2]
+    assert loaded[0]["annotations"][0]["category_id"] == 0
+
+
+def test_custom_coco_json_and_a_missing_image(tmp_path, registered):
+    records = write_labelled_images(tmp_path / "data", 2)
+    save_coco_json(records, tmp_path / "data" / "mine.json", ["nucleus", "cell"])
+    register_coco_instances_dataset("test_mine", tmp_path / "data" / "mine.json")
+    registered.append("test_mine")
+    loaded = DatasetCatalog.get("test_mine")
+    assert len(loaded) == 2 and loaded[1]["annotations"][1]["bbox"] == [10.0, 10.0, 20.0, 10.0]
+    assert MetadataCatalog.get("test_mine").thing_classes == ["nucleus", "cell"]
+    assert MetadataCatalog.get("test_mine").evaluator_type == "coco"
+    (tmp_path / "data" / "im1.png").unlink()
+    with pytest.raises(FileNotFoundError, match="im1.png"):
+        DatasetCatalog.get("test_mine")
+
+
+def test_custom_label_folder(tmp_path, registered):
+    write_labelled_images(tmp_path / "cellpose", 3)
+    register_label_folder_dataset(
+        "test_folder",
+        tmp_path / "cellpose",
+        tmp_path / "cellpose",
+        label_suffix="_masks",
+        thing_class="cell",
+    )
+    registered.append("test_folder")
+    loaded = DatasetCatalog.get("test_folder")
+    assert [Path(r["file_name"]).name for r in loaded] == ["im0.png", "im1.png", "im2.png"]
+    assert [r["annotations"][0]["bbox"][2] for r in loaded] == [2.0, 3.0, 4.0]
+    assert MetadataCatalog.get("test_folder").thing_classes == ["cell"]
+
+
+def test_visualize_data_draws_augmented_samples(tmp_path, registered, monkeypatch):
+    register_synthetic_neural_dataset(
+        "test_vis", tmp_path / "synthetic", num_images=2, height=96, width=128
+    )
+    registered.append("test_vis")
+    argv = ["visualize_data.py", "--dataset", "test_vis", "--num", "3"]
+    argv += ["--output", str(tmp_path / "vis"), "--boxes", "INPUT.IMAGE_SIZE", "96"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REPO / "tools" / "visualize_data.py"), run_name="__main__")
+    drawn = sorted((tmp_path / "vis").iterdir())
+    assert [p.name for p in drawn] == [f"test_vis_{i:03d}.png" for i in range(3)]
+    assert np.asarray(Image.open(drawn[0])).shape == (96, 2 * 96 + 8, 3)

@@ -1,0 +1,252 @@
+"""The shared dataset mapper: the paper's augmentations, bitmask ground truth, robust input."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import SizeMismatchError
+from PIL import Image
+
+from objguided_d2 import add_objguided_config
+from objguided_d2.data import BioDatasetMapper, ImageReadError
+from objguided_d2.data.formats import label_image_to_annotations, mask_to_annotation
+from objguided_d2.data.transforms import RandomSquareCrop, ResizeToInput, ScaleShiftTransform
+
+
+def make_record(path, image: np.ndarray, annotations=()) -> dict:
+    """Write ``image`` (PNG, or TIFF for a .tif path) and return its dataset dict."""
+    if str(path).endswith(".tif"):
+        tifffile.imwrite(path, image)
+    else:
+        Image.fromarray(image).save(path)
+    return {
+        "file_name": str(path),
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "image_id": 7,
+        "annotations": list(annotations),
+    }
+
+
+def make_mapper(augmentations, is_train=True, image_format="BGR", min_size=2):
+    return BioDatasetMapper(
+        is_train,
+        augmentations=augmentations,
+        image_format=image_format,
+        min_instance_size=min_size,
+    )
+
+
+def box_annotation(height, width, x0, y0, x1, y1, category_id=0) -> dict:
+    mask = np.zeros((height, width), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask_to_annotation(mask, category_id=category_id)
+
+
+def grid_labels(rows: int, columns: int, side: int, pitch: int, size: int) -> np.ndarray:
+    """size x size label image of rows x columns squares, id = row * columns + column + 1."""
+    labels = np.zeros((size, size), np.int32)
+    for r in range(rows):
+        for c in range(columns):
+            y, x = r * pitch, c * pitch
+            labels[y : y + side, x : x + side] = r * columns + c + 1
+    return labels
+
+
+# ---- transforms ----
+
+
+def test_scale_shift_maps_coordinates():
+    transform = ScaleShiftTransform(2.0, 0.5, 3.0, -1.0, 10, 10)
+    assert transform.apply_coords(np.array([[1.0, 4.0]])).tolist() == [[5.0, 1.0]]
+    boxes = transform.apply_box(np.array([[0.0, 0.0, 2.0, 4.0]]))
+    assert boxes.tolist() == [[3.0, -1.0, 7.0, 1.0]]
+
+
+def test_integer_shift_moves_pixels_and_fills_zeros():
+    image = np.arange(1, 121, dtype=np.uint8).reshape(10, 12)
+    out = ScaleShiftTransform(1.0, 1.0, 2.0, -3.0, 10, 12).apply_image(image)
+    assert out[0, 2] == image[3, 0] and out[6, 11] == image[9, 9]
+    assert (out[:, :2] == 0).all() and (out[7:] == 0).all()
+
+
+def test_upscaling_masks_is_nearest():
+    mask = np.array([[1, 0], [0, 0]], np.uint8)
+    out = ScaleShiftTransform(2.0, 2.0, 0.0, 0.0, 4, 4).apply_segmentation(mask)
+    assert out.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_mask_stacks_of_any_size_and_layout_warp_alike():
+    """Over OpenCV's channel limit, C-ordered (chunks) and Fortran-ordered (planes) agree."""
+    rng = np.random.default_rng(0)
+    masks = rng.random((37, 53, 200)) > 0.5
+    transform = ScaleShiftTransform(0.73, 0.81, 1.37, -2.11, 30, 41)
+    c_ordered = transform.apply_segmentation(np.ascontiguousarray(masks))
+    f_ordered = transform.apply_segmentation(np.asfortranarray(masks))
+    single = transform.apply_segmentation(np.ascontiguousarray(masks[:, :, 150]))
+    assert c_ordered.shape == f_ordered.shape == (30, 41, 200) and c_ordered.dtype == bool
+    assert (c_ordered == f_ordered).all() and (c_ordered[:, :, 150] == single).all()
+
+
+def test_letterbox_keeps_the_aspect_ratio():
+    """Crop disabled: the whole 100 x 200 image, centred in a 50 x 50 square at scale 1/4."""
+    image = np.full((100, 200, 3), 9, np.uint8)
+    transform = RandomSquareCrop(50, random_center=False).get_transform(image)
+    assert (transform.scale_x, transform.scale_y) == (0.25, 0.25)
+    assert (transform.shift_x, transform.shift_y) == (0.0, 12.5)
+    out = transform.apply_image(image)
+    assert (out[:12] == 0).all() and (out[13:37] == 9).all() and (out[38:] == 0).all()
+
+
+def test_crop_centres_respect_the_margin_on_the_right_axes():
+    """On a 100 (H) x 1000 (W) image with margin 128: x in [128, 872]; y's margin halves to 32."""
+    image = np.zeros((100, 1000, 3), np.uint8)
+    crop = RandomSquareCrop(64, scales=(0.6, 1.3), center_margin=128)
+    np.random.seed(0)
+    centres, sides = [], set()
+    for _ in range(300):
+        t = crop.get_transform(image)
+        centres.append(((32 - t.shift_x) / t.scale_x, (32 - t.shift_y) / t.scale_y))
+        sides.add(round(64 / t.scale_x))
+    xs, ys = np.array(centres).T
+    assert 128 <= xs.min() < 200 and 800 < xs.max() <= 872
+    assert 32 <= ys.min() < 40 and 60 < ys.max() <= 68
+    assert sides == {600, 1300}
+
+
+def test_test_resize_fit_and_stretch():
+    image = np.zeros((300, 600, 3), np.uint8)
+    fit = ResizeToInput(512, "fit").get_transform(image)
+    assert fit.apply_image(image).shape == (256, 512, 3)
+    stretch = ResizeToInput(512, "stretch").get_transform(image)
+    assert stretch.apply_image(image).shape == (512, 512, 3)
+    assert (stretch.scale_x, stretch.scale_y) == (512 / 600, 512 / 300)
+    with pytest.raises(ValueError, match="TEST_RESIZE"):
+        ResizeToInput(512, "crop")
+
+
+# ---- the mapper ----
+
+
+def test_test_mode_resizes_and_keeps_the_original_size(tmp_path):
+    image = np.zeros((30, 60, 3), np.uint8)
+    record = make_record(tmp_path / "a.png", image, [box_annotation(30, 60, 1, 1, 5, 5)])
+    out = make_mapper([ResizeToInput(64, "fit")], is_train=False)(record)
+    assert out["image"].shape == (3, 32, 64) and out["image"].dtype == torch.uint8
+    assert (out["height"], out["width"], out["image_id"]) == (30, 60, 7)
+    assert "instances" not in out and "annotations" not in out
+    assert len(record["annotations"]) == 1  # the caller's dict is left alone
+
+
+def test_image_without_instances(tmp_path):
+    record = make_record(tmp_path / "empty.png", np.zeros((40, 40), np.uint8))
+    instances = make_mapper([RandomSquareCrop(32, scales=(0.6, 1.3))])(record)["instances"]
+    assert len(instances) == 0 and instances.image_size == (32, 32)
+    assert instances.gt_masks.tensor.shape == (0, 32, 32)
+    assert instances.gt_boxes.tensor.shape == (0, 4) and instances.gt_classes.dtype == torch.int64
+
+
+def test_600_instances_pass_unchanged_through_an_identity_warp(tmp_path):
+    labels = grid_labels(24, 25, side=8, pitch=10, size=256)
+    record = make_record(
+        tmp_path / "many.png", np.zeros((256, 256), np.uint8), label_image_to_annotations(labels)
+    )
+    instances = make_mapper([RandomSquareCrop(256, random_center=False)])(record)["instances"]
+    assert len(instances) == 600
+    expected = np.stack([labels == k for k in range(1, 601)])
+    assert (instances.gt_masks.tensor.numpy() == expected).all()
+    r, c = np.divmod(np.arange(600), 25)
+    boxes = np.stack([c * 10, r * 10, c * 10 + 8, r * 10 + 8], axis=1)
+    assert (instances.gt_boxes.tensor.numpy() == boxes).all()
+    assert (instances.gt_classes == 0).all()
+
+
+def test_600_instances_through_the_paper_augmentations(tmp_path):
+    cfg = get_cfg()
+    add_objguided_config(cfg)
+    cfg.INPUT.IMAGE_SIZE = 128
+    labels = grid_labels(24, 25, side=8, pitch=10, size=256)
+    record = make_record(
+        tmp_path / "many.png", np.zeros((256, 256), np.uint8), label_image_to_annotations(labels)
+    )
+    mapper = BioDatasetMapper(cfg, is_train=True)
+    np.random.seed(1)
+    for _ in range(3):
+        instances = mapper(record)["instances"]
+        assert 0 < len(instances) <= 600
+        boxes = instances.gt_boxes.tensor
+        assert torch.equal(boxes, instances.gt_masks.get_bounding_boxes().tensor)
+        assert (boxes[:, 2:] - boxes[:, :2]).min() >= 2
+
+
+def test_instances_cut_by_the_crop(tmp_path):
+    """Shift left by 30 px: 1 px left of A (dropped), 2 px of B (kept), C outside, D inside."""
+    annotations = [
+        box_annotation(64, 64, 20, 5, 31, 10, category_id=0),  # A: x in [-10, 1)
+        box_annotation(64, 64, 20, 15, 32, 20, category_id=1),  # B: x in [-10, 2)
+        box_annotation(64, 64, 0, 25, 20, 30, category_id=2),  # C: x in [-30, -10)
+        box_annotation(64, 64, 40, 35, 50, 40, category_id=3),  # D: x in [10, 20)
+    ]
+    record = make_record(tmp_path / "cut.png", np.zeros((64, 64), np.uint8), annotations)
+    shift = ScaleShiftTransform(1.0, 1.0, -30.0, 0.0, 64, 64)
+    instances = make_mapper([shift])(record)["instances"]
+    assert instances.gt_boxes.tensor.tolist() == [[0, 15, 2, 20], [10, 35, 20, 40]]
+    assert instances.gt_classes.tolist() == [1, 3]
+    assert instances.gt_masks.tensor.sum(dim=(1, 2)).tolist() == [10, 50]
+    flipped = make_mapper([shift, T.HFlipTransform(64)])(record)["instances"]
+    assert flipped.gt_boxes.tensor.tolist() == [[62, 15, 64, 20], [44, 35, 54, 40]]
+
+
+def test_crowd_annotations_are_ignored_and_polygons_read(tmp_path):
+    crowd = dict(box_annotation(16, 16, 0, 0, 4, 4), iscrowd=1)
+    polygon = {"segmentation": [[2, 2, 6, 2, 6, 5, 2, 5]], "category_id": 0, "iscrowd": 0}
+    record = make_record(tmp_path / "p.png", np.zeros((16, 16), np.uint8), [crowd, polygon])
+    instances = make_mapper([RandomSquareCrop(16, random_center=False)])(record)["instances"]
+    assert instances.gt_boxes.tensor.tolist() == [[2, 2, 6, 5]]
+
+
+@pytest.fixture
+def config_mapper():
+    """Letterbox to 64 px, no flip: deterministic."""
+    cfg = get_cfg()
+    add_objguided_config(cfg)
+    cfg.INPUT.IMAGE_SIZE = 64
+    cfg.INPUT.SQUARE_CROP.ENABLED = False
+    cfg.INPUT.HFLIP_TRAIN = False
+    return cfg
+
+
+def test_16bit_tiff_grayscale_through_the_mapper(tmp_path, config_mapper):
+    image = np.zeros((32, 64), np.uint16)
+    image[:, 32:] = 4000
+    record = make_record(tmp_path / "deep.tif", image, [box_annotation(32, 64, 40, 8, 56, 24)])
+    out = BioDatasetMapper(config_mapper, is_train=True)(record)
+    assert out["image"].shape == (3, 64, 64) and out["image"].dtype == torch.uint8
+    # The image sits in rows 16..48; its bright right half is 255 after the stretch.
+    assert out["image"][:, 20:44, 36:60].min() == 255 and out["image"][:, :15].max() == 0
+    assert out["instances"].gt_boxes.tensor.tolist() == [[40, 24, 56, 40]]
+    config_mapper.INPUT.FORMAT = "L"
+    assert BioDatasetMapper(config_mapper, is_train=True)(record)["image"].shape == (1, 64, 64)
+
+
+def test_rgba_png_through_the_mapper(tmp_path, config_mapper):
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 2], rgba[..., 3] = 200, 255  # blue, opaque
+    out = BioDatasetMapper(config_mapper, is_train=False)(make_record(tmp_path / "c.png", rgba))
+    assert out["image"][:, 10, 10].tolist() == [200, 0, 0]  # BGR
+
+
+def test_missing_corrupt_and_mismatched_images_name_the_file(tmp_path, config_mapper):
+    mapper = BioDatasetMapper(config_mapper, is_train=True)
+    missing = {"file_name": str(tmp_path / "gone.png"), "height": 4, "width": 4, "image_id": 0}
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        mapper(missing)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(ImageReadError, match=str(corrupt)):
+        mapper(dict(missing, file_name=str(corrupt)))
+    record = make_record(tmp_path / "small.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(SizeMismatchError, match="small.png"):
+        mapper(dict(record, height=9))
