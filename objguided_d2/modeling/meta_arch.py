@@ -1,0 +1,149 @@
+"""The object-guided segmentor: backbone + center-keypoint detector + object-guided mask heads.
+
+Detectron2's ``GeneralizedRCNN`` cannot be reused because its ``detector_postprocess`` treats
+``pred_masks`` as box-relative M x M masks; the ROI heads here paste full-image masks themselves,
+directly at the original image resolution.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    Backbone,
+    build_backbone,
+    build_proposal_generator,
+    build_roi_heads,
+)
+from detectron2.structures import ImageList
+from torch import nn
+
+__all__ = ["ObjGuidedSegmentor"]
+
+
+@META_ARCH_REGISTRY.register()
+class ObjGuidedSegmentor(nn.Module):
+    """Yi et al. (IEEE TMI 2021): the proposal generator detects object centres and boxes, the ROI
+    heads segment every box (ground-truth boxes in training).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        proposal_generator: nn.Module,
+        roi_heads: nn.Module,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        input_format: str | None = None,
+    ):
+        """
+        Args:
+            backbone: gives the feature maps both heads read.
+            proposal_generator: forward(images, features, gt_instances) -> (proposals, losses).
+            roi_heads: forward(images, features, proposals, targets, output_sizes)
+                -> (instances, losses).
+            pixel_mean, pixel_std: per-channel normalization of the input; their length is the
+                number of image channels the model takes.
+            input_format: channel order of the input images (e.g. "BGR"), for tools that feed
+                or draw them.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.roi_heads = roi_heads
+        self.input_format = input_format
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(
+                f"PIXEL_MEAN has {len(pixel_mean)} values but PIXEL_STD has {len(pixel_std)}"
+            )
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        return {
+            "backbone": backbone,
+            "proposal_generator": build_proposal_generator(cfg, backbone.output_shape()),
+            "roi_heads": build_roi_heads(cfg, backbone.output_shape()),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: list[dict]):
+        """
+        Args:
+            batched_inputs: dataset-mapper dicts with "image" (C, H, W) at the network-input
+                size, in training "instances" (gt_boxes, gt_classes, gt_masks at that size), at
+                inference optionally the original "height" / "width".
+
+        Returns:
+            in training, the dict of losses; at inference, see :meth:`inference`.
+        """
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = self.backbone(images.tensor)
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        _, mask_losses = self.roi_heads(images, features, proposals, gt_instances)
+        return {**proposal_losses, **mask_losses}
+
+    def inference(self, batched_inputs: list[dict], do_postprocess: bool = True):
+        """
+        Args:
+            batched_inputs: as in :meth:`forward`.
+            do_postprocess: if True, predict at each input's original "height" / "width" (the
+                network-input size where they are missing); if False, at the network-input size.
+
+        Returns:
+            with ``do_postprocess``, ``[{"instances": Instances}]`` per image, else the list of
+            Instances. Each holds pred_masks (bool, N x H x W), pred_boxes, scores, pred_classes.
+        """
+        assert not self.training
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        proposals, _ = self.proposal_generator(images, features)
+        output_sizes = images.image_sizes
+        if do_postprocess:
+            output_sizes = [
+                _original_size(x, image_size)
+                for x, image_size in zip(batched_inputs, images.image_sizes)
+            ]
+        results, _ = self.roi_heads(images, features, proposals, output_sizes=output_sizes)
+        if do_postprocess:
+            return [{"instances": r} for r in results]
+        return results
+
+    def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
+        """Normalize, replicate a single-channel image to the model's channels, pad and batch."""
+        num_channels = len(self.pixel_mean)
+        images = []
+        for x in batched_inputs:
+            image = x["image"].to(self.device)
+            if image.shape[0] != num_channels:
+                if image.shape[0] != 1:
+                    raise ValueError(
+                        f"image {x.get('file_name', '')!r} has {image.shape[0]} channels but the "
+                        f"model takes {num_channels} (MODEL.PIXEL_MEAN has {num_channels} values)"
+                    )
+                # Grayscale microscopy fed to an RGB/BGR model: every channel sees the intensity.
+                image = image.expand(num_channels, -1, -1)
+            images.append((image - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+
+def _original_size(batched_input: dict, image_size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) the predictions of one image are returned at."""
+    return (
+        int(batched_input.get("height", image_size[0])),
+        int(batched_input.get("width", image_size[1])),
+    )

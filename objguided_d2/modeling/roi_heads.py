@@ -1,0 +1,469 @@
+"""Object-guided mask heads (Yi et al., TMI 2021, Sec. II-B and II-C).
+
+Every box is cropped, enlarged, at up to five levels with a size-adaptive grid (see
+:mod:`.roi_geometry`): a two-conv stem on the image (stride 1), the backbone's stride-2 stem and the
+decoder's stride-4/8/16 maps (the "object guidance"). The crops are fused top-down by the "S"
+modules (:class:`FusionBlock` with instance norm) into e2 (level 1) and e1 (level 0), and a
+two-conv head predicts mask logits at the ROI's own level-0 resolution. Training uses the
+ground-truth boxes and adds the auxiliary refinement: point heads on e1 and [e1, e2] at the most
+uncertain points of each predicted mask. Inference pastes the masks back into full-image masks and
+filters them with mask NMS.
+
+ROIs run in padded groups (:func:`.roi_geometry.group_rois`) with every operation masked to each
+ROI's valid region, so the result equals running one ROI at a time; ``batch_rois=False`` runs that
+reference computation (groups of one unpadded ROI) through the same code.
+"""
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from torch import nn
+
+from .backbone import FusionBlock
+from .point_sampling import point_sample_rois, sample_uncertain_points
+from .roi_geometry import (
+    RoiGroup,
+    RoiPyramid,
+    build_roi_pyramid,
+    crop_masks,
+    crop_roi_groups,
+    group_rois,
+    mask_nms,
+    masked_instance_norm,
+    paste_masks,
+    resize_rois_bilinear,
+    valid_mask,
+)
+
+__all__ = ["GroupOutput", "ObjGuidedROIHeads", "one_roi_groups"]
+
+
+class GroupOutput(NamedTuple):
+    """Mask-branch outputs of one :class:`RoiGroup` of G ROIs (padded, zero outside each ROI)."""
+
+    logits: torch.Tensor  # (G, 1, H0, W0) mask logits at level 0
+    e1: torch.Tensor  # (G, C0, H0, W0) input of the seg head (level 0)
+    # (G, C1, H1, W1) level-1 map entering S0 (S1's output, the raw crop for 2-level ROIs);
+    # None for 1-level ROIs
+    e2: torch.Tensor | None
+    valid_hw: torch.Tensor  # (G, L, 2) int64 (h, w) of each ROI at each of the L levels
+
+
+def one_roi_groups(pyramid: RoiPyramid) -> list[RoiGroup]:
+    """One group per kept ROI, padded to nothing: the one-ROI-at-a-time reference computation."""
+    kept = torch.nonzero(pyramid.num_levels > 0).squeeze(1)
+    level_hw = pyramid.level_hw[kept].tolist()
+    return [
+        RoiGroup(indices=index[None], pad_hw=tuple(tuple(hw) for hw in sizes[:num_levels]))
+        for index, sizes, num_levels in zip(kept, level_hw, pyramid.num_levels[kept].tolist())
+    ]
+
+
+@ROI_HEADS_REGISTRY.register()
+class ObjGuidedROIHeads(nn.Module):
+    """The object-guided segmentation branch as detectron2 ROI heads.
+
+    ``forward(images, features, proposals, targets=None, output_sizes=None)``:
+
+    * training: masks of the ground-truth boxes of ``targets``; returns
+      ``(proposals, {"loss_mask", "loss_refine"})``;
+    * inference: masks of the proposals' boxes; returns per image Instances of size
+      ``output_sizes[i]`` (default: the network-input size) with ``pred_boxes``, ``scores``
+      (the proposals' center scores), ``pred_classes`` and bool full-image ``pred_masks``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_features: Sequence[str],
+        in_channels: Sequence[int],
+        in_strides: Sequence[int],
+        image_channels: int,
+        image_conv_channels: int = 64,
+        instance_norm_affine: bool = False,
+        box_enlarge: float = 1.1,
+        min_roi_size: float = 2.0,
+        mask_loss_weight: float = 2.0,
+        mask_thresh_test: float = 0.53,
+        mask_nms_thresh: float = 0.2,
+        detections_per_image: int = 1000,
+        max_train_rois_per_image: int = 0,
+        refine_enabled: bool = True,
+        refine_sampling: str = "biased",
+        refine_oversample_ratio: float = 3.0,
+        refine_importance_ratio: float = 0.75,
+        refine_point_density: int = 8,
+        refine_loss_weight: float = 1.0,
+        batch_rois: bool = True,
+        max_group_pixels: int = 1 << 20,
+    ):
+        """
+        Args:
+            in_features: feature maps cropped at levels 1.. (shallowest first), e.g.
+                ["stem", "dec4", "dec8", "dec16"].
+            in_channels, in_strides: their channels and strides (strides increasing, > 1).
+            image_channels: channels of the normalized input image (level 0 convolves it).
+            image_conv_channels: channels of the level-0 image conv (the authors' 64).
+            instance_norm_affine: learnable gamma / eta in the S modules' instance norm (paper's
+                Eq. 6) or none (authors' code).
+            box_enlarge: ROIs are the boxes scaled by this about their centre.
+            min_roi_size: levels stop at the first whose ROI side is below this.
+            mask_loss_weight: weight of the mask BCE.
+            mask_thresh_test: probability at or above which a pasted pixel is foreground.
+            mask_nms_thresh: mask IoU above which a lower-scored mask is suppressed.
+            detections_per_image: most masks returned per image.
+            max_train_rois_per_image: GT instances per image segmented in training, drawn at
+                random when there are more; 0 = all (authors).
+            refine_enabled: train the auxiliary refinement point heads.
+            refine_sampling: "biased" or "uniform" (see :func:`sample_uncertain_points`).
+            refine_oversample_ratio, refine_importance_ratio, refine_point_density: k, beta, D.
+            refine_loss_weight: weight of the point-head BCE.
+            batch_rois: run ROIs in padded groups; False runs them one at a time (the reference).
+            max_group_pixels: bound on G * H0 * W0 of a group (memory of its level-0 maps).
+        """
+        super().__init__()
+        if list(in_strides) != sorted(set(in_strides)) or in_strides[0] <= 1:
+            raise ValueError(f"ROI feature strides must increase from above 1, got {in_strides}")
+        if refine_sampling not in ("biased", "uniform"):
+            raise ValueError(
+                f"refine_sampling must be 'biased' or 'uniform', got {refine_sampling!r}"
+            )
+        self.in_features = list(in_features)
+        self.strides = (1, *in_strides)
+        self.box_enlarge = box_enlarge
+        self.min_roi_size = min_roi_size
+        self.mask_loss_weight = mask_loss_weight
+        self.mask_thresh_test = mask_thresh_test
+        self.mask_nms_thresh = mask_nms_thresh
+        self.detections_per_image = detections_per_image
+        self.max_train_rois_per_image = max_train_rois_per_image
+        self.refine_enabled = refine_enabled
+        self.refine_sampling = refine_sampling
+        self.refine_oversample_ratio = refine_oversample_ratio
+        self.refine_importance_ratio = refine_importance_ratio
+        self.refine_point_density = refine_point_density
+        self.refine_loss_weight = refine_loss_weight
+        self.batch_rois = batch_rois
+        self.max_group_pixels = max_group_pixels
+
+        self.image_conv = nn.Sequential(
+            nn.Conv2d(image_channels, image_conv_channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(image_conv_channels, image_conv_channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        channels = [image_conv_channels, *in_channels]
+        norm = "IN_AFFINE" if instance_norm_affine else "IN"
+        # fusions[i] is the paper's S_i: it fuses level i + 1 into level i and keeps level i's
+        # channels, so an ROI whose top level is i + 1 can start from its raw crop.
+        self.fusions = nn.ModuleList(
+            FusionBlock(channels[i + 1], channels[i], channels[i], norm)
+            for i in range(len(channels) - 1)
+        )
+        self.seg_conv = nn.Conv2d(channels[0], channels[0], 3, padding=1)
+        self.seg_predictor = nn.Conv2d(channels[0], 1, 3, padding=1)
+        if refine_enabled:
+            self.point_head0 = nn.Conv1d(channels[0], 1, 1)
+            self.point_head1 = nn.Conv1d(channels[0] + channels[1], 1, 1)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
+        og = cfg.MODEL.OBJGUIDED
+        return {
+            "in_features": og.ROI_FEATURES,
+            "in_channels": [input_shape[f].channels for f in og.ROI_FEATURES],
+            "in_strides": [input_shape[f].stride for f in og.ROI_FEATURES],
+            "image_channels": len(cfg.MODEL.PIXEL_MEAN),
+            "image_conv_channels": og.IMAGE_CONV_CHANNELS,
+            "instance_norm_affine": og.INSTANCE_NORM_AFFINE,
+            "box_enlarge": og.BOX_ENLARGE,
+            "min_roi_size": og.MIN_ROI_SIZE,
+            "mask_loss_weight": og.MASK_LOSS_WEIGHT,
+            "mask_thresh_test": og.MASK_THRESH_TEST,
+            "mask_nms_thresh": og.MASK_NMS_THRESH,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "max_train_rois_per_image": og.MAX_TRAIN_ROIS_PER_IMAGE,
+            "refine_enabled": og.REFINE.ENABLED,
+            "refine_sampling": og.REFINE.SAMPLING,
+            "refine_oversample_ratio": og.REFINE.OVERSAMPLE_RATIO,
+            "refine_importance_ratio": og.REFINE.IMPORTANCE_RATIO,
+            "refine_point_density": og.REFINE.POINT_DENSITY,
+            "refine_loss_weight": og.REFINE.LOSS_WEIGHT,
+        }
+
+    def forward(
+        self,
+        images: ImageList,
+        features: dict[str, torch.Tensor],
+        proposals: list[Instances],
+        targets: list[Instances] | None = None,
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> tuple[list[Instances], dict[str, torch.Tensor]]:
+        """
+        Args:
+            images: the normalized, padded batch (level 0 convolves ``images.tensor``).
+            features: backbone maps, at least ``in_features``.
+            proposals: per image, ``proposal_boxes`` (network-input pixels),
+                ``objectness_logits`` and ``pred_classes``; unused in training.
+            targets: per image, ``gt_boxes`` and ``gt_masks`` (BitMasks at the network-input
+                size); required in training.
+            output_sizes: per image, the (height, width) to predict at; boxes and masks are
+                scaled per axis from ``images.image_sizes[i]``.
+        """
+        if self.training:
+            if targets is None:
+                raise ValueError("ObjGuidedROIHeads needs targets (gt_boxes, gt_masks) in training")
+            return proposals, self.losses(images, features, targets)
+        if output_sizes is None:
+            output_sizes = images.image_sizes
+        return self.predict(images, features, proposals, output_sizes), {}
+
+    # ---------------------------------------------------------------------------------------
+    # The mask branch on ROI groups
+    # ---------------------------------------------------------------------------------------
+
+    def build_pyramid(self, boxes: torch.Tensor) -> RoiPyramid:
+        """ROI crop grids of (R, 4) XYXY boxes (network-input pixels) at every level."""
+        return build_roi_pyramid(boxes, self.strides, self.box_enlarge, self.min_roi_size)
+
+    def group(self, pyramid: RoiPyramid) -> list[RoiGroup]:
+        """The batches ROIs run in (skipped ROIs belong to none)."""
+        if not self.batch_rois:
+            return one_roi_groups(pyramid)
+        return group_rois(pyramid, max_group_pixels=self.max_group_pixels)
+
+    def segment(
+        self,
+        images: ImageList,
+        features: dict[str, torch.Tensor],
+        batch_index: torch.Tensor,
+        pyramid: RoiPyramid,
+        groups: Sequence[RoiGroup],
+    ) -> list[GroupOutput]:
+        """Run the mask branch on every group.
+
+        Args:
+            images, features: as in :meth:`forward`.
+            batch_index: (R,) int64 image of each ROI of ``pyramid``.
+            pyramid: the R ROIs.
+            groups: batches of ROIs (see :meth:`group`).
+
+        Returns:
+            one :class:`GroupOutput` per group.
+        """
+        if not groups:
+            return []
+        level_maps = [self.image_conv(images.tensor)] + [features[f] for f in self.in_features]
+        # One gather per level for all groups: a single gradient accumulation per feature map.
+        crops = [
+            iter(
+                crop_roi_groups(
+                    level_map,
+                    batch_index,
+                    pyramid,
+                    level,
+                    [g for g in groups if g.num_levels > level],
+                )
+            )
+            for level, level_map in enumerate(level_maps)
+        ]
+        outputs = []
+        for group in groups:
+            group_crops = [next(crops[level]) for level in range(group.num_levels)]
+            valid_hw = pyramid.level_hw[group.indices, : group.num_levels]
+            outputs.append(self._segment_group(group_crops, valid_hw))
+        return outputs
+
+    def _segment_group(self, crops: list[torch.Tensor], valid_hw: torch.Tensor) -> GroupOutput:
+        """Top-down fusion and seg head on one group's padded crops (one tensor per level)."""
+        x, e2 = crops[-1], None
+        for level in reversed(range(len(crops) - 1)):
+            if level == 0:
+                e2 = x
+            x = self._fuse(
+                self.fusions[level], x, crops[level], valid_hw[:, level + 1], valid_hw[:, level]
+            )
+        valid0 = valid_mask(valid_hw[:, 0], x.shape[-2:]).to(x.dtype)
+        # Each conv writes outside the valid region (bias, border taps): re-zero before the next.
+        hidden = F.relu(self.seg_conv(x)) * valid0
+        logits = self.seg_predictor(hidden) * valid0
+        return GroupOutput(logits=logits, e1=x, e2=e2, valid_hw=valid_hw)
+
+    def _fuse(
+        self,
+        block: FusionBlock,
+        low: torch.Tensor,
+        skip: torch.Tensor,
+        low_hw: torch.Tensor,
+        skip_hw: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`FusionBlock.forward` on padded ROI batches: per-ROI upsampling of ``low`` to
+        its skip's size and instance norm over each valid region, zero outside it."""
+        valid = valid_mask(skip_hw, skip.shape[-2:])
+        up = resize_rois_bilinear(low, low_hw, skip_hw, skip.shape[-2:])
+        up = F.relu(self._instance_norm(block.norm_low, block.conv_low(up), valid))
+        fused = block.conv_fuse(torch.cat([skip, up], dim=1))
+        return F.relu(self._instance_norm(block.norm_fuse, fused, valid))
+
+    @staticmethod
+    def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor, valid: torch.Tensor):
+        return masked_instance_norm(x, valid, norm.eps, norm.weight, norm.bias)
+
+    # ---------------------------------------------------------------------------------------
+    # Training
+    # ---------------------------------------------------------------------------------------
+
+    def losses(
+        self, images: ImageList, features: dict[str, torch.Tensor], targets: list[Instances]
+    ) -> dict[str, torch.Tensor]:
+        """Mask BCE on the ground-truth boxes and, with refinement, the point-head BCE.
+
+        ``loss_mask`` = weight * mean over ROIs of each ROI's mean BCE against its soft (bilinearly
+        cropped) ground truth; ``loss_refine`` = weight * mean over ROIs and point heads of the
+        mean BCE at the sampled points (authors' averaging).
+        """
+        boxes, batch_index, gt_masks = self._training_rois(targets, images.tensor.shape[-2:])
+        pyramid = self.build_pyramid(boxes)
+        groups = self.group(pyramid)
+        outputs = self.segment(images, features, batch_index, pyramid, groups)
+
+        mask_losses, refine_losses = [], []
+        for group, out in zip(groups, outputs):
+            gt = crop_masks(gt_masks, pyramid[group.indices], group.pad_hw[0], group.indices)
+            valid0 = valid_mask(out.valid_hw[:, 0], gt.shape[-2:]).to(gt.dtype)
+            bce = F.binary_cross_entropy_with_logits(out.logits, gt, reduction="none")
+            mask_losses.append((bce * valid0).sum(dim=(1, 2, 3)) / valid0.sum(dim=(1, 2, 3)))
+            if self.refine_enabled:
+                refine_losses.extend(self._refine_losses(out, gt))
+
+        # DDP needs a gradient for every parameter in every step, but S3 idles when no ROI
+        # reaches 5 levels, point_head1 when none has 2 and the whole branch when there is no
+        # ROI: a zero-weighted sum keeps them all in the graph.
+        idle = sum(p.sum() for p in self.parameters()) * 0.0
+        losses = {"loss_mask": self.mask_loss_weight * _mean(mask_losses, idle) + idle}
+        if self.refine_enabled:
+            losses["loss_refine"] = self.refine_loss_weight * _mean(refine_losses, idle)
+        return losses
+
+    def _training_rois(
+        self, targets: list[Instances], padded_hw: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ground-truth boxes (R, 4), their image (R,) and their masks (R, H, W) bool, padded to
+        the batch's padded size; at most ``max_train_rois_per_image`` random ones per image."""
+        boxes, batch_index, masks = [], [], []
+        for image_index, target in enumerate(targets):
+            keep = torch.arange(len(target), device=target.gt_boxes.device)
+            if 0 < self.max_train_rois_per_image < len(target):
+                keep = torch.randperm(len(target), device=keep.device)
+                keep = keep[: self.max_train_rois_per_image]
+            if not isinstance(target.gt_masks, BitMasks):
+                raise TypeError(
+                    "ObjGuidedROIHeads needs gt_masks as BitMasks (INPUT.MASK_FORMAT 'bitmask'), "
+                    f"got {type(target.gt_masks).__name__}"
+                )
+            image_masks = target.gt_masks.tensor[keep]
+            height, width = image_masks.shape[1:]
+            boxes.append(target.gt_boxes.tensor[keep])
+            batch_index.append(torch.full_like(keep, image_index))
+            masks.append(F.pad(image_masks, (0, padded_hw[1] - width, 0, padded_hw[0] - height)))
+        return torch.cat(boxes), torch.cat(batch_index), torch.cat(masks)
+
+    def _refine_losses(self, out: GroupOutput, gt: torch.Tensor) -> list[torch.Tensor]:
+        """Per-ROI mean BCE of each point head at the group's uncertain points (ROIs without a
+        point contribute nothing): up to two (G',) tensors."""
+        hw0 = out.valid_hw[:, 0]
+        points, point_valid = sample_uncertain_points(
+            out.logits.detach().sigmoid(),
+            hw0,
+            density=self.refine_point_density,
+            oversample_ratio=self.refine_oversample_ratio,
+            importance_ratio=self.refine_importance_ratio,
+            mode=self.refine_sampling,
+        )
+        has_points = point_valid.any(dim=1)
+        if not has_points.any():
+            return []
+        point_valid = point_valid.to(gt.dtype)
+        labels = point_sample_rois(gt, hw0, points)[:, 0]
+        e1_points = point_sample_rois(out.e1, hw0, points)
+        point_logits = [self.point_head0(e1_points)]
+        if out.e2 is not None:
+            e2_points = point_sample_rois(out.e2, out.valid_hw[:, 1], points)
+            point_logits.append(self.point_head1(torch.cat([e1_points, e2_points], dim=1)))
+        losses = []
+        for logits in point_logits:
+            bce = F.binary_cross_entropy_with_logits(logits[:, 0], labels, reduction="none")
+            per_roi = (bce * point_valid).sum(dim=1) / point_valid.sum(dim=1).clamp(min=1)
+            losses.append(per_roi[has_points])
+        return losses
+
+    # ---------------------------------------------------------------------------------------
+    # Inference
+    # ---------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        images: ImageList,
+        features: dict[str, torch.Tensor],
+        proposals: list[Instances],
+        output_sizes: Sequence[tuple[int, int]],
+    ) -> list[Instances]:
+        """Masks of the proposals, pasted at ``output_sizes``, mask-NMSed and capped."""
+        boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
+        scores = torch.cat([p.objectness_logits.sigmoid() for p in proposals])
+        classes = torch.cat([p.pred_classes for p in proposals])
+        batch_index = torch.cat(
+            [
+                torch.full((len(p),), i, dtype=torch.long, device=boxes.device)
+                for i, p in enumerate(proposals)
+            ]
+        )
+        pyramid = self.build_pyramid(boxes)
+        groups = self.group(pyramid)
+        outputs = self.segment(images, features, batch_index, pyramid, groups)
+
+        results = []
+        for image_index, (input_hw, output_hw) in enumerate(zip(images.image_sizes, output_sizes)):
+            members = []  # (ROI indices, their probabilities) per group, this image only
+            for group, out in zip(groups, outputs):
+                mine = batch_index[group.indices] == image_index
+                if mine.any():
+                    members.append((group.indices[mine], out.logits[mine].sigmoid()))
+            order = torch.cat([m[0] for m in members]) if members else boxes.new_zeros(0).long()
+            masks = torch.zeros((len(order), *output_hw), dtype=torch.bool, device=boxes.device)
+            start = 0
+            for indices, probs in members:
+                paste_masks(
+                    probs,
+                    pyramid[indices],
+                    input_hw,
+                    output_hw,
+                    threshold=self.mask_thresh_test,
+                    out=masks[start : start + len(indices)],
+                )
+                start += len(indices)
+            keep = mask_nms(masks, scores[order], self.mask_nms_thresh)
+            keep = keep[: self.detections_per_image]
+            kept = order[keep]
+            scale = boxes.new_tensor(
+                [output_hw[1] / input_hw[1], output_hw[0] / input_hw[0]]
+            ).repeat(2)
+            instances = Instances(tuple(output_hw))
+            instances.pred_boxes = Boxes(boxes[kept] * scale)
+            instances.scores = scores[kept]
+            instances.pred_classes = classes[kept]
+            instances.pred_masks = masks[keep]
+            results.append(instances)
+        return results
+
+
+def _mean(values: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """Mean of the concatenated (K_i,) tensors; ``empty`` (a graph-connected zero) if none."""
+    return torch.cat(values).mean() if values else empty

@@ -1,0 +1,403 @@
+"""Object-guided ROI heads: batched == one ROI at a time, loss definitions, degenerate batches,
+and the inference bookkeeping (per-image grouping, scaling, mask NMS, cap)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
+
+from objguided_d2.modeling.roi_geometry import crop_masks, crop_rois
+from objguided_d2.modeling.roi_heads import GroupOutput, ObjGuidedROIHeads
+
+CHANNELS = {"stem": 6, "dec4": 5, "dec8": 7, "dec16": 8}
+STRIDES = {"stem": 2, "dec4": 4, "dec8": 8, "dec16": 16}
+IMAGE_SIZES = [(96, 128), (80, 112)]
+
+# (image, XYXY box, levels): 1..5 levels, shapes of very different aspect, pairs that share a
+# size bucket with different sizes (so groups are padded), a box leaving the image, a skipped box.
+ROIS = [
+    (0, (10.0, 12.0, 13.0, 15.0), 1),
+    (1, (40.2, 7.5, 43.0, 10.1), 1),
+    (0, (50.0, 50.0, 55.0, 54.5), 2),
+    (1, (3.0, 60.0, 13.0, 70.0), 3),
+    (0, (70.0, 5.0, 90.0, 25.0), 4),
+    (0, (20.0, 30.0, 80.0, 50.0), 4),
+    (1, (30.0, 20.0, 66.0, 60.0), 5),
+    (1, (33.5, 22.0, 73.0, 66.0), 5),
+    (0, (90.0, 40.0, 135.0, 101.0), 5),
+    (0, (5.0, 60.0, 6.0, 61.0), 0),
+    (0, (60.0, 70.0, 61.9, 95.0), 1),
+]
+
+
+def make_heads(**kwargs) -> ObjGuidedROIHeads:
+    args = dict(
+        in_features=list(CHANNELS),
+        in_channels=list(CHANNELS.values()),
+        in_strides=list(STRIDES.values()),
+        image_channels=3,
+        image_conv_channels=4,
+        instance_norm_affine=True,
+    )
+    args.update(kwargs)
+    heads = ObjGuidedROIHeads(**args)
+    with torch.no_grad():  # non-trivial affine parameters, so the masked norm must apply them
+        for fusion in heads.fusions:
+            for norm in (fusion.norm_low, fusion.norm_fuse):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+    return heads
+
+
+def make_inputs(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    padded = (96, 128)
+    images = ImageList(torch.randn(2, 3, *padded, generator=generator), IMAGE_SIZES)
+    features = {
+        name: torch.randn(2, CHANNELS[name], padded[0] // s, padded[1] // s, generator=generator)
+        for name, s in STRIDES.items()
+    }
+    return images, features
+
+
+def roi_boxes(image_index: int) -> torch.Tensor:
+    return torch.tensor([box for i, box, _ in ROIS if i == image_index]).reshape(-1, 4)
+
+
+def proposals_of_rois():
+    proposals = []
+    for image_index, image_size in enumerate(IMAGE_SIZES):
+        boxes = roi_boxes(image_index)
+        instances = Instances(image_size)
+        instances.proposal_boxes = Boxes(boxes)
+        instances.objectness_logits = torch.linspace(2.0, -1.0, len(boxes))
+        instances.pred_classes = torch.zeros(len(boxes), dtype=torch.int64)
+        proposals.append(instances)
+    return proposals
+
+
+def targets_of_rois(seed: int = 0):
+    """GT boxes of ROIS with random blob masks at each image's size."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = []
+    for image_index, image_size in enumerate(IMAGE_SIZES):
+        boxes = roi_boxes(image_index)
+        noise = torch.rand(
+            len(boxes), 1, image_size[0] // 4, image_size[1] // 4, generator=generator
+        )
+        blobs = F.interpolate(noise, size=image_size, mode="bilinear")[:, 0] > 0.5
+        instances = Instances(image_size)
+        instances.gt_boxes = Boxes(boxes)
+        instances.gt_masks = BitMasks(blobs)
+        targets.append(instances)
+    return targets
+
+
+def all_rois():
+    boxes = torch.cat([roi_boxes(0), roi_boxes(1)])
+    batch_index = torch.tensor([0] * len(roi_boxes(0)) + [1] * len(roi_boxes(1)))
+    return boxes, batch_index
+
+
+def per_roi_logits(heads, images, features, batch_rois: bool):
+    """{ROI index: (h, w) level-0 logits} of the ROIs ordered as :func:`all_rois`."""
+    heads.batch_rois = batch_rois
+    boxes, batch_index = all_rois()
+    pyramid = heads.build_pyramid(boxes)
+    groups = heads.group(pyramid)
+    outputs = heads.segment(images, features, batch_index, pyramid, groups)
+    logits = {}
+    for group, out in zip(groups, outputs):
+        for row, index in enumerate(group.indices.tolist()):
+            h, w = pyramid.level_hw[index, 0].tolist()
+            logits[index] = out.logits[row, 0, :h, :w]
+    return logits, groups, pyramid
+
+
+def test_rois_cover_every_level_count():
+    heads = make_heads()
+    pyramid = heads.build_pyramid(all_rois()[0])
+    expected = [levels for i in (0, 1) for image, _, levels in ROIS if image == i]
+    assert pyramid.num_levels.tolist() == expected
+
+
+def test_batched_forward_equals_one_roi_at_a_time():
+    torch.manual_seed(0)
+    heads = make_heads().eval()
+    images, features = make_inputs()
+    with torch.no_grad():
+        batched, groups, pyramid = per_roi_logits(heads, images, features, batch_rois=True)
+        reference, _, _ = per_roi_logits(heads, images, features, batch_rois=False)
+    # The batched run really pads: some group mixes ROIs of different sizes.
+    sizes_per_group = [set(map(tuple, pyramid.level_hw[g.indices, 0].tolist())) for g in groups]
+    assert any(len(sizes) > 1 for sizes in sizes_per_group)
+    kept = [i for i in range(len(pyramid)) if pyramid.num_levels[i] > 0]
+    assert sorted(batched) == sorted(reference) == kept
+    for index in kept:
+        torch.testing.assert_close(batched[index], reference[index], atol=1e-5, rtol=1e-5)
+
+
+def test_one_roi_reference_is_the_plain_module_computation():
+    """The reference path equals cropping one ROI and running the S modules' own forward
+    (F.interpolate + nn.InstanceNorm2d) and the seg head's convs on it, unpadded."""
+    torch.manual_seed(0)
+    heads = make_heads().eval()
+    images, features = make_inputs()
+    boxes, batch_index = all_rois()
+    with torch.no_grad():
+        reference, _, pyramid = per_roi_logits(heads, images, features, batch_rois=False)
+        level_maps = [heads.image_conv(images.tensor)] + [features[f] for f in CHANNELS]
+        for index in range(len(boxes)):
+            num_levels = int(pyramid.num_levels[index])
+            if num_levels == 0:
+                continue
+            one = pyramid[torch.tensor([index])]
+            crops = [
+                crop_rois(
+                    level_maps[level], batch_index[[index]], one, level, one.level_hw[0, level]
+                )[0]
+                for level in range(num_levels)
+            ]
+            x = crops[-1]
+            for level in reversed(range(num_levels - 1)):
+                x = heads.fusions[level](x, crops[level])
+            logits = heads.seg_predictor(F.relu(heads.seg_conv(x)))
+            torch.testing.assert_close(logits[0, 0], reference[index], atol=1e-5, rtol=1e-5)
+
+
+def test_batched_mask_loss_and_gradients_equal_one_roi_at_a_time():
+    torch.manual_seed(0)
+    heads = make_heads(refine_enabled=False).train()
+    images, features = make_inputs()
+    features = {name: f.requires_grad_() for name, f in features.items()}
+    targets = targets_of_rois()
+    results = []
+    for batch_rois in (True, False):
+        heads.batch_rois = batch_rois
+        heads.zero_grad()
+        _, losses = heads(images, features, [], targets)
+        feature_grads = torch.autograd.grad(
+            losses["loss_mask"], list(features.values()), retain_graph=True
+        )
+        losses["loss_mask"].backward()
+        param_grads = [p.grad.clone() for p in heads.parameters()]
+        results.append((losses["loss_mask"].detach(), feature_grads, param_grads))
+    (loss_b, feat_b, param_b), (loss_r, feat_r, param_r) = results
+    torch.testing.assert_close(loss_b, loss_r, atol=1e-5, rtol=1e-5)
+    for batched, reference in zip(feat_b + tuple(param_b), feat_r + tuple(param_r)):
+        torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-4)
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_losses_average_per_roi_with_their_weights():
+    """Constant predictions c (mask) and b (points) against ROIs whose soft GT is all ones (A) or
+    all zeros (B, C, of other sizes): per-ROI means give mean(sp(-c), sp(c), sp(c)), whatever
+    the areas; every ROI has 2+ levels, so each contributes one mean per point head."""
+    c, b = 0.7, -0.4
+    heads = make_heads(mask_loss_weight=2.0, refine_loss_weight=3.0).train()
+    with torch.no_grad():
+        heads.seg_predictor.weight.zero_()
+        heads.seg_predictor.bias.fill_(c)
+        for head in (heads.point_head0, heads.point_head1):
+            head.weight.zero_()
+            head.bias.fill_(b)
+    images, features = make_inputs()
+    target = Instances(IMAGE_SIZES[0])
+    target.gt_boxes = Boxes(
+        torch.tensor([[20.0, 20.0, 60.0, 50.0], [70, 10, 80, 30], [5, 70, 25, 76]])
+    )
+    masks = torch.zeros(3, *IMAGE_SIZES[0], dtype=torch.bool)
+    masks[0] = True
+    target.gt_masks = BitMasks(masks)
+    empty = Instances(IMAGE_SIZES[1])
+    empty.gt_boxes = Boxes(torch.zeros(0, 4))
+    empty.gt_masks = BitMasks(torch.zeros(0, *IMAGE_SIZES[1], dtype=torch.bool))
+
+    _, losses = heads(images, features, [], [target, empty])
+
+    assert losses["loss_mask"].item() == pytest.approx(2.0 * (softplus(-c) + 2 * softplus(c)) / 3)
+    assert losses["loss_refine"].item() == pytest.approx(3.0 * (softplus(-b) + 2 * softplus(b)) / 3)
+
+
+def empty_target(image_size):
+    target = Instances(image_size)
+    target.gt_boxes = Boxes(torch.zeros(0, 4))
+    target.gt_masks = BitMasks(torch.zeros(0, *image_size, dtype=torch.bool))
+    return target
+
+
+@pytest.mark.parametrize(
+    "boxes, mask_loss_is_zero",
+    [
+        ([], True),  # no instance at all
+        ([[30.0, 30.0, 31.0, 31.5]], True),  # one ROI, skipped (level 0 below 2 px)
+        ([[30.0, 30.0, 33.0, 33.0], [50, 50, 52.5, 53]], False),  # 1-level ROIs: no S module
+    ],
+    ids=["no-gt", "skipped-roi", "one-level-rois"],
+)
+def test_degenerate_batches_give_finite_losses_and_grads_for_every_parameter(
+    boxes, mask_loss_is_zero
+):
+    heads = make_heads().train()
+    images, features = make_inputs()
+    target = Instances(IMAGE_SIZES[0])
+    target.gt_boxes = Boxes(torch.tensor(boxes).reshape(-1, 4))
+    target.gt_masks = BitMasks(torch.ones(len(boxes), *IMAGE_SIZES[0], dtype=torch.bool))
+
+    _, losses = heads(images, features, [], [target, empty_target(IMAGE_SIZES[1])])
+
+    assert set(losses) == {"loss_mask", "loss_refine"}
+    assert (losses["loss_mask"].item() == 0) == mask_loss_is_zero
+    assert losses["loss_refine"].item() == 0  # no ROI is large enough for a point
+    sum(losses.values()).backward()
+    for name, parameter in heads.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+
+
+def test_max_train_rois_per_image_caps_the_rois():
+    heads = make_heads(max_train_rois_per_image=2, refine_enabled=False).train()
+    targets = targets_of_rois()
+    boxes, batch_index, masks = heads._training_rois(targets, (96, 128))
+    assert batch_index.tolist() == [0, 0, 1, 1]
+    assert masks.shape == (4, 96, 128)
+    for box, image, mask in zip(boxes, batch_index, masks):
+        target = targets[image]
+        match = (target.gt_boxes.tensor == box).all(dim=1).nonzero()[:, 0]
+        assert len(match) == 1  # a GT box with its own mask, padded
+        h, w = target.image_size
+        assert torch.equal(mask[:h, :w], target.gt_masks.tensor[match[0]])
+        assert not mask[h:].any() and not mask[:, w:].any()
+
+
+class OracleHeads(ObjGuidedROIHeads):
+    """Heads whose mask logits are the soft crops of known masks (one per ROI)."""
+
+    roi_masks: torch.Tensor  # (R, H, W) over the padded batch, ROI order of the proposals
+
+    def segment(self, images, features, batch_index, pyramid, groups):
+        outputs = []
+        for group in groups:
+            soft = crop_masks(
+                self.roi_masks, pyramid[group.indices], group.pad_hw[0], group.indices
+            )
+            hw = pyramid.level_hw[group.indices]
+            outputs.append(GroupOutput(logits=40 * (soft - 0.5), e1=soft, e2=None, valid_hw=hw))
+        return outputs
+
+
+def disc(image_size, center, radius):
+    ys, xs = torch.meshgrid(
+        torch.arange(image_size[0]) + 0.5, torch.arange(image_size[1]) + 0.5, indexing="ij"
+    )
+    return (xs - center[0]) ** 2 + (ys - center[1]) ** 2 <= radius**2
+
+
+def rectangle(image_size, x1, y1, x2, y2):
+    mask = torch.zeros(image_size, dtype=torch.bool)
+    mask[y1:y2, x1:x2] = True
+    return mask
+
+
+def iou(a, b):
+    return ((a & b).sum() / (a | b).sum()).item()
+
+
+@pytest.mark.parametrize("batch_rois", [True, False])
+def test_inference_pastes_each_proposal_mask_into_its_image(batch_rois):
+    """Masks follow their own proposal (score, box, class) through grouping, pasting at a
+    different output size per axis, mask NMS (a duplicate and an empty mask go) and the cap."""
+    sizes = [(64, 80), (48, 48)]
+    outputs_hw = [(128, 120), (48, 48)]
+    objects = [  # image, mask, proposal box, score logit, class
+        (0, rectangle(sizes[0], 10, 10, 30, 26), [10, 10, 30, 26], 3.0, 0),
+        (0, disc(sizes[0], (50, 40), 10), [40, 30, 60, 50], 2.0, 1),
+        (0, disc(sizes[0], (50, 40), 10), [41, 31, 61, 51], 1.0, 1),  # duplicate, suppressed
+        (0, rectangle(sizes[0], 62, 4, 70, 12), [62, 4, 70, 12], 0.5, 0),
+        (0, torch.zeros(sizes[0], dtype=torch.bool), [5, 40, 25, 60], 2.5, 0),  # empty mask
+        (1, rectangle(sizes[1], 5, 5, 40, 20), [5, 5, 40, 20], -1.0, 1),
+        (1, disc(sizes[1], (20, 35), 8), [12, 27, 28, 43], 0.0, 0),
+    ]
+    proposals, roi_masks = [], []
+    for image_index, image_size in enumerate(sizes):
+        mine = [o for o in objects if o[0] == image_index]
+        instances = Instances(image_size)
+        instances.proposal_boxes = Boxes(torch.tensor([o[2] for o in mine], dtype=torch.float32))
+        instances.objectness_logits = torch.tensor([o[3] for o in mine])
+        instances.pred_classes = torch.tensor([o[4] for o in mine])
+        proposals.append(instances)
+        roi_masks += [F.pad(o[1], (0, 96 - image_size[1], 0, 64 - image_size[0])) for o in mine]
+    heads = OracleHeads(
+        in_features=list(CHANNELS),
+        in_channels=list(CHANNELS.values()),
+        in_strides=list(STRIDES.values()),
+        image_channels=3,
+        mask_thresh_test=0.5,
+        detections_per_image=3,
+        batch_rois=batch_rois,
+    ).eval()
+    heads.roi_masks = torch.stack(roi_masks)
+    images = ImageList(torch.zeros(2, 3, 64, 96), sizes)
+
+    results, losses = heads(images, {}, proposals, output_sizes=outputs_hw)
+
+    assert losses == {}
+    first, second = results
+    assert first.image_size == (128, 120) and second.image_size == (48, 48)
+    # image 0: by score the rectangle, the disc, the small rectangle (empty and duplicate gone)
+    torch.testing.assert_close(first.scores, torch.sigmoid(torch.tensor([3.0, 2.0, 0.5])))
+    assert first.pred_classes.tolist() == [0, 1, 0]
+    scale = torch.tensor([120 / 80, 128 / 64] * 2)
+    expected_boxes = torch.tensor([[10, 10, 30, 26], [40, 30, 60, 50], [62, 4, 70, 12]]) * scale
+    torch.testing.assert_close(first.pred_boxes.tensor, expected_boxes)
+    assert first.pred_masks.dtype == torch.bool and first.pred_masks.shape == (3, 128, 120)
+    for mask, (_, gt, *_) in zip(first.pred_masks, [objects[0], objects[1], objects[3]]):
+        upsampled = F.interpolate(gt[None, None].float(), size=(128, 120))[0, 0].bool()
+        assert iou(mask, upsampled) > 0.85
+    # image 1: the cap of 3 keeps both, by score
+    torch.testing.assert_close(second.scores, torch.sigmoid(torch.tensor([0.0, -1.0])))
+    for mask, (_, gt, *_) in zip(second.pred_masks, [objects[6], objects[5]]):
+        assert iou(mask, gt) > 0.85
+
+
+def test_inference_without_proposals():
+    heads = make_heads().eval()
+    images, features = make_inputs()
+    proposals = []
+    for image_size in IMAGE_SIZES:
+        instances = Instances(image_size)
+        instances.proposal_boxes = Boxes(torch.zeros(0, 4))
+        instances.objectness_logits = torch.zeros(0)
+        instances.pred_classes = torch.zeros(0, dtype=torch.int64)
+        proposals.append(instances)
+    with torch.no_grad():
+        results, _ = heads(images, features, proposals, output_sizes=[(10, 20), (30, 40)])
+    assert [len(r) for r in results] == [0, 0]
+    assert results[1].pred_masks.shape == (0, 30, 40)
+
+
+def test_channels_follow_the_feature_maps():
+    heads = make_heads(image_conv_channels=4)
+    # S_i keeps level i's channels: levels are 4 (image conv), 6, 5, 7, 8.
+    expected = [(6, 4), (5, 6), (7, 5), (8, 7)]
+    for fusion, (low, skip) in zip(heads.fusions, expected):
+        assert fusion.conv_low.in_channels == low
+        assert fusion.conv_fuse.out_channels == skip
+    assert heads.point_head0.in_channels == 4
+    assert heads.point_head1.in_channels == 4 + 6
+    assert not hasattr(make_heads(refine_enabled=False), "point_head0")
+
+
+def test_polygon_ground_truth_is_refused_with_the_config_key():
+    heads = make_heads().train()
+    images, features = make_inputs()
+    target = Instances(IMAGE_SIZES[0])
+    target.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 30.0, 30.0]]))
+    target.gt_masks = PolygonMasks([[[10, 10, 30, 10, 30, 30.0]]])
+    with pytest.raises(TypeError, match="INPUT.MASK_FORMAT 'bitmask'"):
+        heads(images, features, [], [target, empty_target(IMAGE_SIZES[1])])
