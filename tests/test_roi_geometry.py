@@ -9,6 +9,8 @@ from detectron2.structures import BitMasks
 
 from objguided_d2.modeling.roi_geometry import (
     build_roi_pyramid,
+    conv2d_by_taps,
+    conv_weight_taps,
     crop_masks,
     crop_roi_groups,
     crop_rois,
@@ -17,6 +19,7 @@ from objguided_d2.modeling.roi_geometry import (
     mask_to_boxes,
     masked_instance_norm,
     paste_masks,
+    resize_conv_rois,
     resize_rois_bilinear,
     valid_mask,
 )
@@ -105,9 +108,11 @@ def test_crop_of_linear_ramp_is_exact_with_half_pixel_mapping():
     assert valid[0, 0].sum() == h * w and valid[0, 0, :h, :w].all()
 
 
-def test_crop_matches_per_roi_grid_sample_with_zeros_outside_the_map():
+# Crops that need a gradient are gathers, the others grid_sample: both must follow the contract.
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["grid-sample", "gathers"])
+def test_crop_matches_per_roi_grid_sample_with_zeros_outside_the_map(needs_grad):
     torch.manual_seed(0)
-    features = torch.randn(2, 3, 16, 20)  # stride 4 of a 64 x 80 input
+    features = torch.randn(2, 3, 16, 20).requires_grad_(needs_grad)  # stride 4 of 64 x 80
     boxes = torch.tensor(
         [
             [-6.0, -4.0, 20.0, 30.0],  # sticks out at the top-left
@@ -122,7 +127,7 @@ def test_crop_matches_per_roi_grid_sample_with_zeros_outside_the_map():
         reference = _reference_crop(features[batch_index[r]], boxes[r].tolist(), 4)
         h, w = reference.shape[1:]
         assert pyramid.level_hw[r, 2].tolist() == [h, w]
-        torch.testing.assert_close(crops[r, :, :h, :w], reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(crops[r, :, :h, :w], reference.detach(), atol=1e-5, rtol=0)
         assert crops[r, :, h:].abs().sum() == 0 and crops[r, :, :, w:].abs().sum() == 0
 
 
@@ -196,6 +201,9 @@ def test_crops_and_resizes_backpropagate_deterministically():
             crops, _ = crop_rois(feature, torch.tensor([1, 0]), pyramid, 1, (15, 20))
             hw = pyramid.level_hw[:, 1]
             up = resize_rois_bilinear(crops, hw, 2 * hw, (30, 40))
+            taps = conv_weight_taps(torch.ones(1, 3, 3, 3))
+            (mixed,) = resize_conv_rois(taps, [(crops, hw, 2 * hw, (30, 40))])
+            up = up + mixed
             grads.append(
                 torch.autograd.grad((up * torch.arange(1200.0).view(30, 40)).sum(), feature)
             )
@@ -255,6 +263,65 @@ def test_resize_rois_bilinear_equals_per_roi_interpolate():
         reference = F.interpolate(roi, size=(h, w), mode="bilinear", align_corners=False)[0]
         torch.testing.assert_close(out[r, :, :h, :w], reference, atol=1e-5, rtol=1e-5)
         assert out[r, :, h:].abs().sum() == 0 and out[r, :, :, w:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kernel_size", [3, 1, 5])
+def test_resize_conv_rois_equals_per_roi_interpolate_then_conv(kernel_size):
+    torch.manual_seed(3)
+    in_sizes = [(4, 6), (9, 5), (2, 2), (13, 11), (7, 7), (1, 3)]
+    out_sizes = [(8, 13), (4, 10), (5, 3), (6, 11), (7, 7), (2, 6)]  # up, mixed, down, identity
+    conv = torch.nn.Conv2d(3, 4, kernel_size, padding=kernel_size // 2, bias=False)
+    rois = [torch.randn(1, 3, h, w) for h, w in in_sizes]
+    batch = torch.zeros(6, 3, 13, 11)
+    for r, roi in enumerate(rois):
+        batch[r, :, : in_sizes[r][0], : in_sizes[r][1]] = roi[0]
+    taps = conv_weight_taps(conv.weight)
+    in_hw, out_hw = torch.tensor(in_sizes), torch.tensor(out_sizes)
+    # the same ROIs twice, split in two batches of other paddings: one matmul serves all
+    out, first, second = resize_conv_rois(
+        taps,
+        [
+            (batch, in_hw, out_hw, (9, 13)),
+            (batch[:2, :, :9], in_hw[:2], out_hw[:2], (8, 13)),
+            (batch[2:], in_hw[2:], out_hw[2:], (7, 11)),
+        ],
+    )
+    assert first.shape == (2, 4, 8, 13) and second.shape == (4, 4, 7, 11)
+    torch.testing.assert_close(first, out[:2, :, :8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, out[2:, :, :7, :11], atol=1e-5, rtol=1e-5)
+    assert out.shape == (6, 4, 9, 13)
+    for r, roi in enumerate(rois):
+        h, w = out_sizes[r]
+        up = F.interpolate(roi, size=(h, w), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out[r, :, :h, :w], conv(up)[0], atol=1e-5, rtol=1e-5)
+        assert out[r, :, h:].abs().sum() == 0 and out[r, :, :, w:].abs().sum() == 0
+
+
+def test_resize_conv_rois_by_hand():
+    """A 1 x 2 ROI upsampled to 1 x 4 reads [a, 0.75a + 0.25b, 0.25a + 0.75b, b]; a 1 x 3 kernel
+    [1, 10, 100] then sums its left neighbour, 10 x itself and 100 x its right neighbour."""
+    x = torch.tensor([[[[2.0, 6.0]]]])
+    weight = torch.tensor([1.0, 10.0, 100.0]).view(1, 1, 1, 3)
+    hw = torch.tensor([[1, 2]])
+    # only the middle row of a 3 x 3 kernel touches a single-row ROI
+    weight = F.pad(weight, (0, 0, 1, 1))
+    taps = conv_weight_taps(weight)
+    (out,) = resize_conv_rois(taps, [(x, hw, torch.tensor([[1, 4]]), (2, 5))])
+    up = [2.0, 3.0, 5.0, 6.0]
+    expected = [10 * up[0] + 100 * up[1], up[0] + 10 * up[1] + 100 * up[2]]
+    expected += [up[1] + 10 * up[2] + 100 * up[3], up[2] + 10 * up[3]]
+    torch.testing.assert_close(out[0, 0, 0, :4], torch.tensor(expected))
+    assert out[0, 0, 0, 4] == 0 and out[0, 0, 1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kernel_size, out_channels", [(3, 1), (3, 2), (1, 1), (5, 3)])
+def test_conv2d_by_taps_equals_conv2d(kernel_size, out_channels):
+    torch.manual_seed(5)
+    conv = torch.nn.Conv2d(4, out_channels, kernel_size, padding=kernel_size // 2)
+    x = torch.randn(3, 4, 7, 9)
+    out = conv2d_by_taps(x, conv.weight, conv.bias)
+    torch.testing.assert_close(out, conv(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv2d_by_taps(x, conv.weight), conv(x) - conv.bias.view(-1, 1, 1))
 
 
 def test_zero_padded_conv_is_exact_inside_the_valid_region():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
 
+from objguided_d2.modeling import roi_heads as roi_heads_module
 from objguided_d2.modeling.roi_geometry import crop_masks, crop_rois
 from objguided_d2.modeling.roi_heads import GroupOutput, ObjGuidedROIHeads
 
@@ -116,6 +117,14 @@ def per_roi_logits(heads, images, features, batch_rois: bool):
     return logits, groups, pyramid
 
 
+@pytest.fixture(params=["fused", "resize-then-conv"])
+def s_module_path(request, monkeypatch):
+    """Both ways the S modules can upsample and convolve (chosen per shape by a cost model)."""
+    fused = request.param == "fused"
+    monkeypatch.setattr(roi_heads_module, "resize_conv_pays", lambda *args: fused)
+    return request.param
+
+
 def test_rois_cover_every_level_count():
     heads = make_heads()
     pyramid = heads.build_pyramid(all_rois()[0])
@@ -123,7 +132,7 @@ def test_rois_cover_every_level_count():
     assert pyramid.num_levels.tolist() == expected
 
 
-def test_batched_forward_equals_one_roi_at_a_time():
+def test_batched_forward_equals_one_roi_at_a_time(s_module_path):
     torch.manual_seed(0)
     heads = make_heads().eval()
     images, features = make_inputs()
@@ -139,7 +148,7 @@ def test_batched_forward_equals_one_roi_at_a_time():
         torch.testing.assert_close(batched[index], reference[index], atol=1e-5, rtol=1e-5)
 
 
-def test_one_roi_reference_is_the_plain_module_computation():
+def test_one_roi_reference_is_the_plain_module_computation(s_module_path):
     """The reference path equals cropping one ROI and running the S modules' own forward
     (F.interpolate + nn.InstanceNorm2d) and the seg head's convs on it, unpadded."""
     torch.manual_seed(0)
@@ -167,7 +176,7 @@ def test_one_roi_reference_is_the_plain_module_computation():
             torch.testing.assert_close(logits[0, 0], reference[index], atol=1e-5, rtol=1e-5)
 
 
-def test_batched_mask_loss_and_gradients_equal_one_roi_at_a_time():
+def test_batched_mask_loss_and_gradients_equal_one_roi_at_a_time(s_module_path):
     torch.manual_seed(0)
     heads = make_heads(refine_enabled=False).train()
     images, features = make_inputs()

@@ -1,4 +1,3 @@
-"""Modules registered in detectron2's registries."""
-from . import backbone, center_head  # noqa: F401
-from . import point_sampling, roi_geometry  # noqa: F401
-from . import meta_arch, roi_heads  # noqa: F401
+"""The object-guided model's modules; importing them registers them in detectron2's registries."""
+
+from . import backbone, center_head, meta_arch, point_sampling, roi_geometry, roi_heads  # noqa: F401

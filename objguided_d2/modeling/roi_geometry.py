@@ -2,10 +2,11 @@
 per-ROI operations on padded ROI batches, paste-back and mask NMS.
 
 Pure tensor code (no detectron2 types). Everything is batched over ROIs (Python loops run over
-levels, size groups or memory chunks only) and runs on CPU and CUDA. Bilinear sampling is done with
-gathers (an embedding-bag sum over 4 taps) instead of ``grid_sample``, whose CUDA backward is
-non-deterministic: forward passes are gathers and matmuls, and the crops' backward also runs under
-``torch.use_deterministic_algorithms(True)``.
+levels, size groups, images or memory chunks only) and runs on CPU and CUDA. Where a gradient is
+needed, bilinear sampling is done with gathers (an embedding-bag sum over 4 taps) instead of
+``grid_sample``, whose CUDA backward is non-deterministic: forward passes are gathers and matmuls,
+and the crops' backward also runs under ``torch.use_deterministic_algorithms(True)``. Crops that
+need no gradient (inference) use ``grid_sample``, several times faster on a CPU.
 
 Coordinates
     Boxes are XYXY in detectron2's continuous pixel coordinates (pixel k spans [k, k + 1]).
@@ -26,8 +27,9 @@ Padded ROI batches
     Invariant for code that runs layers on such batches: a zero-padded convolution
     (padding = k // 2) gives, inside the valid region, exactly what it gives on the ROI alone iff
     its input is zero outside the valid region. A conv writes outside it (border taps, bias), so
-    multiply by the valid mask before the next conv. :func:`masked_instance_norm` and
-    :func:`resize_rois_bilinear` return zeros outside, and ReLU keeps zeros.
+    multiply by the valid mask before the next conv. :func:`masked_instance_norm`,
+    :func:`resize_rois_bilinear` and :func:`resize_conv_rois` return zeros outside, and ReLU keeps
+    zeros.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ __all__ = [
     "crop_masks",
     "masked_instance_norm",
     "resize_rois_bilinear",
+    "conv_weight_taps",
+    "resize_conv_rois",
+    "resize_conv_pays",
+    "conv2d_by_taps",
     "paste_masks",
     "mask_to_boxes",
     "mask_nms",
@@ -362,7 +368,13 @@ def _crop_packed(
     level: int,
     batches: Sequence[tuple[torch.Tensor | slice, tuple[int, int]]],
 ) -> list[torch.Tensor]:
-    """Crops of several padded batches (ROI subset, (Hp, Wp)) of one level, one gather for all."""
+    """Crops of several padded batches (ROI subset, (Hp, Wp)) of one level: one gather for all
+    when ``feature`` needs a gradient, else ``grid_sample`` per batch and image."""
+    if not (torch.is_grad_enabled() and feature.requires_grad):
+        return [
+            _grid_sample_crops(feature, batch_index[rois], pyramid[rois], level, pad_hw)
+            for rois, pad_hw in batches
+        ]
     _, channels, height, width = feature.shape
     indices, weights, shapes = [], [], []
     for rois, pad_hw in batches:
@@ -378,6 +390,32 @@ def _crop_packed(
         _rows_to_nchw(part.view(*shape, channels))
         for part, shape in zip(torch.split(samples, sizes), shapes)
     ]
+
+
+def _grid_sample_crops(
+    feature: torch.Tensor,
+    images: torch.Tensor,
+    pyramid: RoiPyramid,
+    level: int,
+    pad_hw: Sequence[int],
+) -> torch.Tensor:
+    """(G, C, Hp, Wp) crops of G ROIs (``images``: (G,) the image of each) with ``grid_sample``,
+    the same bilinear, zero-padded sampling as the gathers."""
+    num_images, channels, height, width = feature.shape
+    (y, y_valid), (x, x_valid) = _level_positions(pyramid, level, pad_hw)
+    # align_corners=False coordinates; padded samples lie far outside the map and read zeros
+    grid_x = ((2 * x + 1) / width - 1).masked_fill(~x_valid, -3.0)
+    grid_y = ((2 * y + 1) / height - 1).masked_fill(~y_valid, -3.0)
+    grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=-1)
+    grid = grid.to(feature.dtype)
+    if num_images == 1:
+        return F.grid_sample(feature.expand(len(grid), -1, -1, -1), grid, align_corners=False)
+    crops = feature.new_empty(len(grid), channels, *pad_hw)
+    for image in images.unique().tolist():
+        mine = torch.nonzero(images == image).squeeze(1)
+        source = feature[image : image + 1].expand(len(mine), -1, -1, -1)
+        crops[mine] = F.grid_sample(source, grid[mine], align_corners=False)
+    return crops
 
 
 def crop_roi_groups(
@@ -491,8 +529,9 @@ def masked_instance_norm(
     valid = valid.to(values.dtype)
     count = valid.sum(dim=(2, 3), keepdim=True).clamp(min=1)
     mean = (values * valid).sum(dim=(2, 3), keepdim=True) / count
-    centered = (values - mean) * valid
-    var = centered.square().sum(dim=(2, 3), keepdim=True) / count
+    # masked in place: a fresh temporary, not saved for the backward
+    centered = (values - mean).mul_(valid)
+    var = (centered * centered).sum(dim=(2, 3), keepdim=True) / count
     out = centered * torch.rsqrt(var + eps)
     if weight is not None:
         out = out * weight.view(1, -1, 1, 1)
@@ -536,17 +575,137 @@ def resize_rois_bilinear(
     return _rows_to_nchw(gather_bilinear(channel_rows(x), index, weights))
 
 
-# ---------------------------------------------------------------------------------------------
-# Paste-back
-# ---------------------------------------------------------------------------------------------
-
-
 def _one_hot_rows(taps: torch.Tensor, weights: torch.Tensor, origin: torch.Tensor, length: int):
     """(R, K, length) float32 matrix holding weights[a, r, k] at column taps[a, r, k] - origin[r]
     for both taps a (taps falling outside [0, length) are dropped)."""
     columns = torch.arange(length, device=taps.device)
     local = (taps - origin.view(1, -1, 1))[..., None]
     return ((local == columns) * weights.float()[..., None]).sum(dim=0)
+
+
+def _shifted_resize_rows(
+    in_len: torch.Tensor, out_len: torch.Tensor, in_pad: int, out_pad: int, kernel_size: int
+) -> torch.Tensor:
+    """Interpolation matrices of one axis, one per kernel tap: (R, out_pad, in_pad * k).
+
+    Entry [r, y, i * k + d] is the ``F.interpolate`` (bilinear, align_corners=False) weight of
+    source sample i in output sample y + d - k // 2 of ROI r; zero when that sample or y lies
+    outside the ROI's ``out_len`` (the convolution's zero padding).
+    """
+    device = in_len.device
+    y = torch.arange(out_pad, device=device)
+    pos = (y[:, None] + torch.arange(kernel_size, device=device) - kernel_size // 2)[None]
+    limit = out_len.view(-1, 1, 1)
+    valid = (pos >= 0) & (pos < limit) & (y[None, :, None] < limit)
+    scale = in_len.double().view(-1, 1, 1) / limit.clamp(min=1)
+    taps, weights = linear_taps((pos + 0.5) * scale - 0.5, in_len.view(-1, 1, 1), valid, True)
+    rows = _one_hot_rows(taps.flatten(2), weights.flatten(2), torch.zeros_like(in_len), in_pad)
+    rows = rows.view(len(in_len), out_pad, kernel_size, in_pad).transpose(2, 3)
+    return rows.reshape(len(in_len), out_pad, in_pad * kernel_size)
+
+
+def conv_weight_taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, k, k) convolution weight -> contiguous (C_in, k, k, C_out), the form
+    :func:`resize_conv_rois` takes. It copies the weight: arrange it once and reuse it for every
+    batch of ROIs."""
+    out_channels, in_channels, k, _ = weight.shape
+    return weight.reshape(out_channels, -1).t().contiguous().view(in_channels, k, k, out_channels)
+
+
+def resize_conv_rois(
+    weight_taps: torch.Tensor,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[int]]],
+) -> list[torch.Tensor]:
+    """Bilinear resize of each ROI to its own target size, then a k x k convolution without bias
+    (stride 1, zero padding k // 2), evaluated at the source resolution, for several padded ROI
+    batches at once.
+
+    Equals ``F.conv2d(F.interpolate(roi, size=(h_o, w_o), mode="bilinear",
+    align_corners=False), weight, padding=k // 2)`` of every unpadded ROI. Resizing acts on
+    positions and the convolution's channel mixing on channels, so they commute: the k * k
+    channel mixes run as one matmul over the h_i x w_i source positions of all batches (a quarter
+    of the positions when upsampling by two, as the S modules do; one matmul reads the weight
+    once), and only their C_out-channel results are resized, shifted per tap and summed, as
+    batched matmuls with each ROI's own interpolation matrices (one per axis). That pays when
+    C_in is large against the ROI sides (see :func:`resize_conv_pays`).
+
+    Args:
+        weight_taps: (C_in, k, k, C_out), :func:`conv_weight_taps` of the weight; k odd.
+        batches: (x, in_hw, out_hw, pad_hw) each: x (R, C_in, Hi, Wi) padded ROI batch, ROI r
+            valid in its top-left ``in_hw[r]`` and zero outside it; in_hw, out_hw (R, 2) int64
+            (h, w) source and target sizes; pad_hw (Ho, Wo), at least the largest target size.
+
+    Returns:
+        per batch (R, C_out, Ho, Wo) (a permuted view), zero outside each ROI's target region.
+    """
+    in_channels, k, _, out_channels = weight_taps.shape
+    # Channel mixes of every tap (dy, dx) at every source position, positions column-major: the
+    # rows of one source column then pair (source row, dy), which the y matrices contract.
+    positions = [x.permute(0, 3, 2, 1).reshape(-1, in_channels) for x, _, _, _ in batches]
+    mixed = torch.cat(positions) @ weight_taps.view(in_channels, -1)
+    outputs = []
+    for (x, in_hw, out_hw, pad_hw), part in zip(batches, mixed.split([len(p) for p in positions])):
+        num_rois, _, in_h, in_w = x.shape
+        out_h, out_w = (int(v) for v in pad_hw)
+        part = part.view(num_rois, in_w, in_h * k, k * out_channels)
+        rows_y = _shifted_resize_rows(in_hw[:, 0], out_hw[:, 0], in_h, out_h, k).to(x.dtype)
+        # (R, Wi, [dx, C_out], Ho): rows pair (source column, dx), which the x matrices contract
+        along_y = part.transpose(2, 3) @ rows_y.transpose(1, 2)[:, None]
+        rows_x = _shifted_resize_rows(in_hw[:, 1], out_hw[:, 1], in_w, out_w, k).to(x.dtype)
+        out = rows_x @ along_y.reshape(num_rois, in_w * k, out_channels * out_h)
+        outputs.append(out.view(num_rois, out_w, out_channels, out_h).permute(0, 2, 3, 1))
+    return outputs
+
+
+# Costs of the fused path's overheads in convolution multiply-adds, measured on a CPU on the S
+# modules' shapes: the batched small matmuls of the resize matrices run at about an eighth of a
+# convolution's rate, and every element of the k * k * C_out tap maps is written and read once.
+_MATMUL_COST = 8.0
+_TAP_MAP_ELEMENT_COST = 16.0
+
+
+def resize_conv_pays(
+    in_channels: int, kernel_size: int, in_hw: Sequence[int], out_hw: Sequence[int]
+) -> bool:
+    """Whether :func:`resize_conv_rois` is cheaper than resizing and then convolving (padded
+    sizes in_hw -> out_hw). Per output channel, mixing at the low resolution saves
+    k * k * C_in * (Ho * Wo - Hi * Wi) multiply-adds; the resize matrices cost
+    k * Ho * Wi * (k * Hi + Wo) and the tap maps hold k * k * Hi * Wi elements."""
+    k, (in_h, in_w), (out_h, out_w) = kernel_size, in_hw, out_hw
+    saved = k * k * in_channels * (out_h * out_w - in_h * in_w)
+    matmuls = k * out_h * in_w * (k * in_h + out_w)
+    return _MATMUL_COST * matmuls + _TAP_MAP_ELEMENT_COST * k * k * in_h * in_w < saved
+
+
+def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.conv2d(x, weight, bias, padding=k // 2)`` (stride 1) as one channel mix into the
+    k * k * C_out tap maps and a sum of their shifted copies.
+
+    Several times faster on a CPU than the direct kernels when C_out is tiny (a predictor's single
+    logit map), where those spend their time on per-output bookkeeping.
+
+    Args:
+        x: (N, C_in, H, W).
+        weight: (C_out, C_in, k, k), k odd.
+        bias: (C_out,) or None.
+
+    Returns:
+        (N, C_out, H, W).
+    """
+    num, in_channels, height, width = x.shape
+    out_channels, _, k, _ = weight.shape
+    taps = weight.permute(2, 3, 0, 1).reshape(-1, in_channels)
+    mixed = (taps @ x.reshape(num, in_channels, -1)).view(num, k, k, out_channels, height, width)
+    mixed = F.pad(mixed, (k // 2,) * 4)
+    out = sum(
+        mixed[:, dy, dx, :, dy : dy + height, dx : dx + width] for dy in range(k) for dx in range(k)
+    )
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paste-back
+# ---------------------------------------------------------------------------------------------
 
 
 def paste_masks(

@@ -11,7 +11,9 @@ filters them with mask NMS.
 
 ROIs run in padded groups (:func:`.roi_geometry.group_rois`) with every operation masked to each
 ROI's valid region, so the result equals running one ROI at a time; ``batch_rois=False`` runs that
-reference computation (groups of one unpadded ROI) through the same code.
+reference computation (groups of one unpadded ROI) through the same code. The S modules run level
+by level over all groups, with the upsampling and first conv fused at the low resolution where
+that is cheaper (:func:`.roi_geometry.resize_conv_rois`).
 """
 
 from collections.abc import Sequence
@@ -31,12 +33,16 @@ from .roi_geometry import (
     RoiGroup,
     RoiPyramid,
     build_roi_pyramid,
+    conv2d_by_taps,
+    conv_weight_taps,
     crop_masks,
     crop_roi_groups,
     group_rois,
     mask_nms,
     masked_instance_norm,
     paste_masks,
+    resize_conv_pays,
+    resize_conv_rois,
     resize_rois_bilinear,
     valid_mask,
 )
@@ -261,56 +267,82 @@ class ObjGuidedROIHeads(nn.Module):
         if not groups:
             return []
         level_maps = [self.image_conv(images.tensor)] + [features[f] for f in self.in_features]
-        # One gather per level for all groups: a single gradient accumulation per feature map.
-        crops = [
-            iter(
-                crop_roi_groups(
-                    level_map,
-                    batch_index,
-                    pyramid,
-                    level,
-                    [g for g in groups if g.num_levels > level],
-                )
+        num_levels = max(group.num_levels for group in groups)
+        valid_hw = [pyramid.level_hw[group.indices, : group.num_levels] for group in groups]
+        # Top-down, one level at a time over all groups, so that each S module mixes the channels
+        # of every group in one matmul; tops[i] is group i's map at the current level.
+        tops: list[torch.Tensor | None] = [None] * len(groups)
+        e2: list[torch.Tensor | None] = [None] * len(groups)
+        for level in reversed(range(num_levels)):
+            members = [i for i, group in enumerate(groups) if group.num_levels > level]
+            # One gather per level for all groups: a single gradient accumulation per feature map.
+            crops = crop_roi_groups(
+                level_maps[level], batch_index, pyramid, level, [groups[i] for i in members]
             )
-            for level, level_map in enumerate(level_maps)
-        ]
-        outputs = []
-        for group in groups:
-            group_crops = [next(crops[level]) for level in range(group.num_levels)]
-            valid_hw = pyramid.level_hw[group.indices, : group.num_levels]
-            outputs.append(self._segment_group(group_crops, valid_hw))
-        return outputs
+            fusing = [
+                (i, crop) for i, crop in zip(members, crops) if groups[i].num_levels > level + 1
+            ]
+            batches = [
+                (tops[i], crop, valid_hw[i][:, level + 1], valid_hw[i][:, level])
+                for i, crop in fusing
+            ]
+            fused = self._fuse_groups(self.fusions[level], batches) if batches else []
+            for i, crop in zip(members, crops):
+                tops[i] = crop
+            for (i, _), x in zip(fusing, fused):
+                tops[i] = x
+            if level == 1:
+                for i in members:
+                    e2[i] = tops[i]
+        return [self._seg_head(x, hw, e) for x, hw, e in zip(tops, valid_hw, e2)]
 
-    def _segment_group(self, crops: list[torch.Tensor], valid_hw: torch.Tensor) -> GroupOutput:
-        """Top-down fusion and seg head on one group's padded crops (one tensor per level)."""
-        x, e2 = crops[-1], None
-        for level in reversed(range(len(crops) - 1)):
-            if level == 0:
-                e2 = x
-            x = self._fuse(
-                self.fusions[level], x, crops[level], valid_hw[:, level + 1], valid_hw[:, level]
-            )
-        valid0 = valid_mask(valid_hw[:, 0], x.shape[-2:]).to(x.dtype)
+    def _seg_head(
+        self, e1: torch.Tensor, valid_hw: torch.Tensor, e2: torch.Tensor | None
+    ) -> GroupOutput:
+        """The two-conv seg head on one group's level-0 map."""
+        valid0 = valid_mask(valid_hw[:, 0], e1.shape[-2:]).to(e1.dtype)
         # Each conv writes outside the valid region (bias, border taps): re-zero before the next.
-        hidden = F.relu(self.seg_conv(x)) * valid0
-        logits = self.seg_predictor(hidden) * valid0
-        return GroupOutput(logits=logits, e1=x, e2=e2, valid_hw=valid_hw)
+        hidden = F.relu(self.seg_conv(e1)) * valid0
+        predictor = self.seg_predictor
+        logits = conv2d_by_taps(hidden, predictor.weight, predictor.bias) * valid0
+        return GroupOutput(logits=logits, e1=e1, e2=e2, valid_hw=valid_hw)
 
-    def _fuse(
+    def _fuse_groups(
         self,
         block: FusionBlock,
-        low: torch.Tensor,
-        skip: torch.Tensor,
-        low_hw: torch.Tensor,
-        skip_hw: torch.Tensor,
-    ) -> torch.Tensor:
-        """:meth:`FusionBlock.forward` on padded ROI batches: per-ROI upsampling of ``low`` to
-        its skip's size and instance norm over each valid region, zero outside it."""
-        valid = valid_mask(skip_hw, skip.shape[-2:])
-        up = resize_rois_bilinear(low, low_hw, skip_hw, skip.shape[-2:])
-        up = F.relu(self._instance_norm(block.norm_low, block.conv_low(up), valid))
-        fused = block.conv_fuse(torch.cat([skip, up], dim=1))
-        return F.relu(self._instance_norm(block.norm_fuse, fused, valid))
+        batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """:meth:`FusionBlock.forward` on padded ROI batches (low, skip, low_hw, skip_hw), one per
+        group: per-ROI upsampling of ``low`` to its skip's size and instance norm over each valid
+        region, zero outside it.
+
+        Where it is cheaper (:func:`resize_conv_pays`), the upsampling and ``conv_low`` run fused,
+        with the conv's channel mixing at the low resolution, in one matmul for all those groups.
+        """
+        conv = block.conv_low
+        pays = [
+            resize_conv_pays(conv.in_channels, conv.kernel_size[0], low.shape[-2:], skip.shape[-2:])
+            for low, skip, _, _ in batches
+        ]
+        cheaper = [
+            (low, low_hw, skip_hw, skip.shape[-2:])
+            for (low, skip, low_hw, skip_hw), fuse in zip(batches, pays)
+            if fuse
+        ]
+        fused = iter(resize_conv_rois(conv_weight_taps(conv.weight), cheaper) if cheaper else [])
+        outputs = []
+        for (low, skip, low_hw, skip_hw), fuse in zip(batches, pays):
+            valid = valid_mask(skip_hw, skip.shape[-2:])
+            if fuse:
+                # Without conv_low's bias: the instance norm below subtracts each channel's mean,
+                # which removes any bias exactly.
+                up = next(fused)
+            else:
+                up = conv(resize_rois_bilinear(low, low_hw, skip_hw, skip.shape[-2:]))
+            up = F.relu(self._instance_norm(block.norm_low, up, valid))
+            fused_map = block.conv_fuse(torch.cat([skip, up], dim=1))
+            outputs.append(F.relu(self._instance_norm(block.norm_fuse, fused_map, valid)))
+        return outputs
 
     @staticmethod
     def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor, valid: torch.Tensor):

@@ -1,0 +1,23 @@
+"""Training and evaluation engine shared by ObjGuided, Mask R-CNN and PointRend."""
+
+from .trainer import (
+    EVALUATION_FILE,
+    Trainer,
+    architecture_name,
+    create_ddp_model,
+    evaluation_dir,
+    format_results_table,
+    load_config,
+    setup,
+)
+
+__all__ = [
+    "EVALUATION_FILE",
+    "Trainer",
+    "architecture_name",
+    "create_ddp_model",
+    "evaluation_dir",
+    "format_results_table",
+    "load_config",
+    "setup",
+]

@@ -1,0 +1,107 @@
+"""tools/compare.py on crafted evaluation outputs: the markdown table, run lookup and the plots."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IOUS = [f"{0.5 + 0.05 * i:.2f}" for i in range(10)]
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare_tool", REPO / "tools" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(output_dir: Path, dataset: str, method: str, results: dict, ap_top: float) -> Path:
+    """An OUTPUT_DIR as tools/train_net.py leaves it: evaluation.json and paper_metrics.json."""
+    folder = output_dir / "inference" / dataset
+    folder.mkdir(parents=True)
+    evaluation = {"method": method, "dataset": dataset, "results": results}
+    (folder / "evaluation.json").write_text(json.dumps(evaluation))
+    per_iou = {t: ap_top - 5 * i for i, t in enumerate(IOUS)}
+    curve = {"precision": [1.0, 0.8, 0.5], "recall": [0.1, 0.5, 0.7], "score": [0.9, 0.6, 0.2]}
+    paper = {
+        "metrics": {"APseg_per_iou": per_iou, "APdet_per_iou": per_iou},
+        "per_class": {"cell": {"pr_curves": {"seg": {"0.50": curve, "0.75": curve}}}},
+    }
+    (folder / "paper_metrics.json").write_text(json.dumps(paper))
+    return folder
+
+
+OBJGUIDED = {
+    "segm": {"AP": 40.0, "AP-cell": 40.0},
+    "bbox": {"AP": 35.5},
+    "paper": {"APseg": 50.0, "APseg50": 80.0, "APseg75": 55.25, "APdet": 45.0, "APdet50": 70.0},
+    "bio": {"AJI": 60.0, "PQ": 50.0, "SQ": 80.0, "RQ": 62.5, "P@0.5": 70.0, "R@0.5": 56.25,
+            "F1@0.5": 62.5, "DiC": -1.0, "absDiC": 2.0},
+}  # fmt: skip
+# No bio metrics and an undefined AP (null), as a run with a missing evaluator would have.
+MASK_RCNN = {
+    "segm": {"AP": 30.125},
+    "bbox": {"AP": None},
+    "paper": {"APseg": 41.0, "APseg50": 71.0, "APseg75": 40.0, "APdet": 39.5},
+}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    write_run(tmp_path / "og", "neural_val", "ObjGuided", OBJGUIDED, 80.0)
+    write_run(tmp_path / "mrcnn", "neural_val", "Mask R-CNN", MASK_RCNN, 70.0)
+    return tmp_path
+
+
+def test_table_has_a_row_per_run_and_the_metrics_any_run_has(runs, capsys):
+    compare = load_compare()
+    output = runs / "cmp"
+    specs = [str(runs / "og"), f"R-CNN 1x={runs / 'mrcnn' / 'inference' / 'neural_val'}"]
+    assert compare.main([*specs, "--output", str(output)]) == 0
+    expected = (
+        "| method | dataset | APseg | APseg50 | APseg75 | APdet | COCO mask AP | COCO box AP "
+        "| AJI | PQ | SQ | RQ | P@0.5 | R@0.5 | F1@0.5 | \\|DiC\\| |\n"
+        "|---|---|" + "---:|" * 14 + "\n"
+        "| ObjGuided | neural_val | 50.00 | 80.00 | 55.25 | 45.00 | 40.00 | 35.50 | 60.00 | 50.00 "
+        "| 80.00 | 62.50 | 70.00 | 56.25 | 62.50 | 2.00 |\n"
+        "| R-CNN 1x | neural_val | 41.00 | 71.00 | 40.00 | 39.50 | 30.12 | - | - | - | - | - | - "
+        "| - | - | - |\n"
+    )
+    assert (output / "comparison.md").read_text() == expected
+    assert expected in capsys.readouterr().out
+    for name in ("ap_vs_iou.png", "pr_curves.png"):
+        image = cv2.imread(str(output / name))
+        assert image is not None and image.shape[1] == 1200, name  # 10 inches at 120 dpi
+
+
+def test_runs_are_found_from_output_dir_folder_or_file_and_same_methods_told_apart(runs):
+    compare = load_compare()
+    evaluation = runs / "og" / "inference" / "neural_val" / "evaluation.json"
+    for path in (runs / "og", evaluation.parent, evaluation):
+        assert compare.find_evaluation(str(path), None) == str(evaluation)
+    output = runs / "cmp"
+    assert compare.main([str(runs / "og"), str(evaluation), "--output", str(output)]) == 0
+    rows = (output / "comparison.md").read_text().splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        f"| ObjGuided ({runs / 'og'})",
+        f"| ObjGuided ({evaluation})",
+    ]
+
+
+def test_an_output_dir_with_several_datasets_needs_dataset(runs):
+    compare = load_compare()
+    write_run(runs / "og", "neural_test", "ObjGuided", OBJGUIDED, 75.0)
+    with pytest.raises(FileNotFoundError, match="neural_test, neural_val"):
+        compare.find_evaluation(str(runs / "og"), None)
+    found = compare.find_evaluation(str(runs / "og"), "neural_test")
+    assert found == str(runs / "og" / "inference" / "neural_test" / "evaluation.json")
+
+
+def test_a_path_with_an_equals_sign_is_not_split_into_a_name(tmp_path):
+    compare = load_compare()
+    write_run(tmp_path / "lr=0.001", "neural_val", "ObjGuided", OBJGUIDED, 80.0)
+    run = compare.load_run(str(tmp_path / "lr=0.001"), None)
+    assert run["name"] == "ObjGuided" and run["paper"]["metrics"]["APseg_per_iou"]["0.50"] == 80.0

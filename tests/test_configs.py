@@ -1,0 +1,137 @@
+"""Shipped configs build their models, keep the three architectures on equal terms, and the engine's
+config helpers (optimizer, DDP wrapper, device fallback, results table) behave as documented."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from objguided_d2.engine import (
+    Trainer,
+    architecture_name,
+    create_ddp_model,
+    format_results_table,
+    load_config,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+ARCHITECTURES = {"objguided": "ObjGuided", "mask_rcnn": "Mask R-CNN", "pointrend": "PointRend"}
+PAPER_DATASETS = ("dsb2018", "plant", "neural")
+IMAGENET_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+
+
+def _config(name: str, *opts: str):
+    return load_config(str(CONFIG_DIR / name), ["MODEL.DEVICE", "cpu", *opts])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_builds_its_model_on_cpu(path):
+    # Nothing is downloaded: ImageNet weights are named in the configs, not loaded by build_model.
+    cfg = load_config(str(path), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    assert cfg.INPUT.MASK_FORMAT == "bitmask"
+
+
+@pytest.mark.parametrize("dataset", PAPER_DATASETS)
+def test_paper_setting_configs_share_data_input_and_schedule_length(dataset):
+    cfgs = {arch: _config(f"{dataset}_{arch}.yaml") for arch in ARCHITECTURES}
+    for arch, cfg in cfgs.items():
+        assert architecture_name(cfg) == ARCHITECTURES[arch]
+        assert cfg.DATASETS.TRAIN == (f"{dataset}_train",)
+        assert cfg.DATASETS.TEST == (f"{dataset}_test",)
+        assert cfg.INPUT.IMAGE_SIZE == 512
+        assert cfg.MODEL.WEIGHTS == IMAGENET_R50
+        assert cfg.MODEL.RESNETS.DEPTH == 50
+        assert cfg.OUTPUT_DIR == f"output/{dataset}_{arch}"
+    for key in ("SOLVER.MAX_ITER", "SOLVER.IMS_PER_BATCH", "TEST.DETECTIONS_PER_IMAGE"):
+        section, name = key.split(".")
+        assert len({cfg[section][name] for cfg in cfgs.values()}) == 1, key
+
+
+def test_objguided_trains_as_the_authors_baselines_with_detectron2s_recipe():
+    objguided, mask_rcnn = _config("neural_objguided.yaml"), _config("neural_mask_rcnn.yaml")
+    assert objguided.SOLVER.OPTIMIZER == "ADAM"
+    assert objguided.SOLVER.BASE_LR == pytest.approx(1.25e-4)
+    assert objguided.SOLVER.WEIGHT_DECAY == 0.0
+    assert objguided.SOLVER.IMS_PER_BATCH == 8
+    assert (objguided.SOLVER.STEPS, objguided.SOLVER.WARMUP_ITERS) == ((), 0)  # constant LR
+    assert mask_rcnn.SOLVER.OPTIMIZER == "SGD"
+    assert mask_rcnn.MODEL.RESNETS.NORM == "FrozenBN"
+    # The 1x shape at ObjGuided's length: decays at 2/3 and 8/9 of the schedule.
+    assert mask_rcnn.SOLVER.STEPS == (3200, 4300) and mask_rcnn.SOLVER.MAX_ITER == 4800
+
+
+def test_pointrend_configs_use_the_point_head_on_bitmasks():
+    cfg = _config("plant_pointrend.yaml")
+    assert cfg.MODEL.ROI_HEADS.NAME == "PointRendROIHeads"
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME == "PointRendMaskHead"
+    assert cfg.MODEL.ROI_MASK_HEAD.POINT_HEAD_ON
+    assert cfg.MODEL.POINT_HEAD.NUM_CLASSES == cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1
+
+
+def test_cpu_configs_train_from_scratch_on_equal_terms():
+    cfgs = {arch: _config(f"synthetic_neural_{arch}_cpu.yaml") for arch in ARCHITECTURES}
+    for arch, cfg in cfgs.items():
+        assert architecture_name(cfg) == ARCHITECTURES[arch]
+        assert cfg.MODEL.WEIGHTS == ""
+        assert cfg.MODEL.RESNETS.DEPTH == 18
+        # Random weights need trainable norms everywhere (frozen BN of random weights diverges).
+        assert cfg.MODEL.RESNETS.NORM == "BN"
+        assert cfg.DATASETS.TRAIN == ("synthetic_neural_train",)
+    for key in ("IMAGE_SIZE",):
+        assert len({cfg.INPUT[key] for cfg in cfgs.values()}) == 1
+    for key in ("MAX_ITER", "IMS_PER_BATCH"):
+        assert len({cfg.SOLVER[key] for cfg in cfgs.values()}) == 1
+    for arch in ("mask_rcnn", "pointrend"):
+        assert cfgs[arch].MODEL.FPN.NORM == "BN"
+        assert cfgs[arch].MODEL.ROI_BOX_HEAD.NORM == "BN"
+        assert cfgs[arch].SOLVER.BASE_LR < 0.02
+
+
+@pytest.mark.parametrize(
+    "name, optimizer_class",
+    [("SGD", torch.optim.SGD), ("ADAM", torch.optim.Adam), ("ADAMW", torch.optim.AdamW)],
+)
+def test_build_optimizer_follows_solver_optimizer(name, optimizer_class):
+    cfg = _config("synthetic_neural_objguided_cpu.yaml", "SOLVER.OPTIMIZER", name)
+    cfg.defrost()
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY = 0.003, 0.01
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    optimizer = Trainer.build_optimizer(cfg, model)
+    assert type(optimizer) is optimizer_class
+    assert {group["lr"] for group in optimizer.param_groups} == {0.003}
+    # detectron2's parameter groups: norm parameters get WEIGHT_DECAY_NORM (0), others 0.01.
+    decay = {tuple(p.shape): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay == {(2, 1, 3, 3): 0.01, (2,): 0.0}
+
+
+def test_build_optimizer_names_the_key_of_an_unknown_optimizer():
+    cfg = _config("synthetic_neural_objguided_cpu.yaml", "SOLVER.OPTIMIZER", "RMSPROP")
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        Trainer.build_optimizer(cfg, torch.nn.Linear(2, 2))
+
+
+def test_create_ddp_model_leaves_a_single_process_model_unwrapped():
+    model = torch.nn.Linear(2, 2)
+    assert create_ddp_model(model, broadcast_buffers=False) is model
+
+
+def test_load_config_runs_a_cuda_config_on_the_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(str(CONFIG_DIR / "neural_objguided.yaml"), ["MODEL.DEVICE", "cuda"])
+    assert cfg.MODEL.DEVICE == "cpu"
+    assert cfg.is_frozen()
+
+
+def test_results_table_lists_each_metric_once_without_per_class_entries():
+    results = {"segm": {"AP": 12.5, "AP-cell": 12.5}, "bio": {"AJI": 50.0, "PQ": 0.25}}
+    assert format_results_table(results).splitlines() == [
+        "| task   | metric   |   value |",
+        "|--------|----------|---------|",
+        "| segm   | AP       |   12.5  |",
+        "| bio    | AJI      |   50    |",
+        "|        | PQ       |    0.25 |",
+    ]

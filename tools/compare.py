@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Compare evaluated methods side by side: a markdown table and plots.
+
+    tools/compare.py output/neural_objguided output/neural_mask_rcnn output/neural_pointrend \
+        --output output/neural_comparison
+    tools/compare.py "ObjGuided R-18=output/a" "ObjGuided R-50=output/b" --output cmp/
+
+Each run is ``[NAME=]PATH``; PATH is a training OUTPUT_DIR (``--dataset`` picks among its
+evaluated datasets when there are several), an OUTPUT_DIR/inference/<dataset> folder, or the
+``evaluation.json`` that ``tools/train_net.py`` writes there. NAME defaults to the method the run
+evaluated. Writes to ``--output``:
+
+* ``comparison.md``: the paper's AP (APseg, APseg50, APseg75, APdet), COCO mask and box AP and the
+  biology metrics (AJI, PQ, SQ, RQ, precision, recall, F1 at IoU 0.5, counting error; SBD on leaf
+  datasets), one row per method;
+* ``ap_vs_iou.png``: paper-style mask and box AP against the IoU threshold (the paper's Fig. 5);
+* ``pr_curves.png``: mask precision-recall curves at IoU 0.5 and 0.75, one panel row per class.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from objguided_d2.engine import EVALUATION_FILE  # noqa: E402
+
+# The paper evaluator's report beside evaluation.json (per-IoU AP and precision-recall curves).
+PAPER_REPORT_FILE = "paper_metrics.json"
+# (column title, task, metric) of the table, in order; a metric no run has is left out.
+COLUMNS = (
+    ("APseg", "paper", "APseg"),
+    ("APseg50", "paper", "APseg50"),
+    ("APseg75", "paper", "APseg75"),
+    ("APdet", "paper", "APdet"),
+    ("COCO mask AP", "segm", "AP"),
+    ("COCO box AP", "bbox", "AP"),
+    ("AJI", "bio", "AJI"),
+    ("PQ", "bio", "PQ"),
+    ("SQ", "bio", "SQ"),
+    ("RQ", "bio", "RQ"),
+    ("P@0.5", "bio", "P@0.5"),
+    ("R@0.5", "bio", "R@0.5"),
+    ("F1@0.5", "bio", "F1@0.5"),
+    ("SBD", "bio", "SBD"),
+    ("\\|DiC\\|", "bio", "absDiC"),  # pipes escaped for markdown
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", metavar="[NAME=]PATH", help="evaluated runs")
+    parser.add_argument("--output", required=True, help="folder for the table and plots")
+    parser.add_argument("--dataset", help="dataset to compare on, for runs that evaluated several")
+    return parser.parse_args(argv)
+
+
+def find_evaluation(path: str, dataset: str | None) -> str:
+    """The evaluation.json of a run given as file, evaluation folder or OUTPUT_DIR."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(os.path.join(path, EVALUATION_FILE)):
+        return os.path.join(path, EVALUATION_FILE)
+    inference = os.path.join(path, "inference")
+    evaluated = sorted(
+        name
+        for name in (os.listdir(inference) if os.path.isdir(inference) else [])
+        if os.path.isfile(os.path.join(inference, name, EVALUATION_FILE))
+    )
+    if dataset is not None:
+        evaluated = [name for name in evaluated if name == dataset]
+    if len(evaluated) != 1:
+        found = ", ".join(evaluated) or "none"
+        raise FileNotFoundError(
+            f"{path}: expected one {EVALUATION_FILE} under inference/<dataset>/ "
+            f"(datasets found: {found}); pass the file or --dataset"
+        )
+    return os.path.join(inference, evaluated[0], EVALUATION_FILE)
+
+
+def load_run(spec: str, dataset: str | None) -> dict:
+    """{"name", "dataset", "results", "paper"} of a ``[NAME=]PATH`` run; "paper" is the paper
+    evaluator's report, or None when it is not beside the evaluation. A spec that exists as a
+    path is a path, even with a "=" in it."""
+    name, path = ("", spec) if os.path.exists(spec) or "=" not in spec else spec.split("=", 1)
+    evaluation_path = find_evaluation(path, dataset)
+    with open(evaluation_path) as f:
+        evaluation = json.load(f)
+    paper_path = os.path.join(os.path.dirname(evaluation_path), PAPER_REPORT_FILE)
+    paper = None
+    if os.path.isfile(paper_path):
+        with open(paper_path) as f:
+            paper = json.load(f)
+    return {
+        "name": name or evaluation["method"],
+        "dataset": evaluation["dataset"],
+        "results": evaluation["results"],
+        "paper": paper,
+    }
+
+
+def markdown_table(runs: list[dict]) -> str:
+    """One row per run, the COLUMNS that at least one run has; missing values show as "-"."""
+
+    def value(run, task, metric):
+        return run["results"].get(task, {}).get(metric)
+
+    columns = [c for c in COLUMNS if any(value(run, *c[1:]) is not None for run in runs)]
+    lines = [
+        "| method | dataset | " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
+    ]
+    for run in runs:
+        cells = []
+        for _, task, metric in columns:
+            v = value(run, task, metric)
+            cells.append("-" if v is None else f"{v:.2f}")
+        lines.append(f"| {run['name']} | {run['dataset']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_with_legend(figure, axis, path: str) -> None:
+    """Save with one legend of ``axis``'s lines under the panels (method names can be long)."""
+    handles, labels = axis.get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_ap_vs_iou(runs: list[dict], path: str) -> None:
+    """Paper-style AP of masks and boxes against the IoU threshold, one line per run."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
+    for axis, kind, title in zip(axes, ("seg", "det"), ("masks (APseg)", "boxes (APdet)")):
+        for run in runs:
+            if run["paper"] is None:
+                continue
+            per_iou = run["paper"]["metrics"][f"AP{kind}_per_iou"]
+            thresholds = [float(t) for t in per_iou]
+            ap = [float("nan") if v is None else v for v in per_iou.values()]
+            axis.plot(thresholds, ap, marker="o", label=run["name"])
+        axis.set(title=title, xlabel="IoU threshold", xlim=(0.48, 0.97), ylim=(0, 100))
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("AP (%)")
+    save_with_legend(figure, axes[0], path)
+
+
+def plot_pr_curves(runs: list[dict], path: str) -> None:
+    """Mask precision-recall curves at IoU 0.5 and 0.75: a row per class, a line per run."""
+    reports = [run for run in runs if run["paper"] is not None]
+    classes = list(dict.fromkeys(c for run in reports for c in run["paper"]["per_class"]))
+    rows = max(1, len(classes))
+    figure, axes = plt.subplots(
+        rows, 2, figsize=(10, 4 * rows), squeeze=False, layout="constrained"
+    )
+    for row, class_name in enumerate(classes):
+        for axis, threshold in zip(axes[row], ("0.50", "0.75")):
+            for run in reports:
+                entry = run["paper"]["per_class"].get(class_name)
+                if entry is None:
+                    continue
+                curve = entry["pr_curves"]["seg"][threshold]
+                axis.plot(curve["recall"], curve["precision"], label=run["name"])
+            axis.set(
+                title=f"{class_name}: masks at IoU {threshold}",
+                xlabel="recall",
+                ylabel="precision",
+                xlim=(0, 1),
+                ylim=(0, 1.02),
+            )
+            axis.grid(alpha=0.3)
+    save_with_legend(figure, axes[0, 0], path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    runs = [load_run(spec, args.dataset) for spec in args.runs]
+    names = [run["name"] for run in runs]
+    for run, spec in zip(runs, args.runs):
+        if names.count(run["name"]) > 1:  # e.g. two ObjGuided runs given without names
+            run["name"] = f"{run['name']} ({spec})"
+    os.makedirs(args.output, exist_ok=True)
+    table = markdown_table(runs)
+    with open(os.path.join(args.output, "comparison.md"), "w") as f:
+        f.write(table)
+    plot_ap_vs_iou(runs, os.path.join(args.output, "ap_vs_iou.png"))
+    plot_pr_curves(runs, os.path.join(args.output, "pr_curves.png"))
+    print(table)
+    print(f"Wrote comparison.md, ap_vs_iou.png and pr_curves.png to {args.output}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

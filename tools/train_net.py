@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Train and evaluate ObjGuided, Mask R-CNN or PointRend; the config picks the architecture.
+
+    tools/train_net.py --config-file configs/neural_objguided.yaml
+    tools/train_net.py --config-file configs/neural_objguided.yaml --resume
+    tools/train_net.py --config-file configs/neural_objguided.yaml --eval-only \
+        MODEL.WEIGHTS output/neural_objguided/model_final.pth
+    tools/train_net.py --config-file configs/neural_mask_rcnn.yaml --num-gpus 8
+
+``--num-gpus N`` starts N processes through detectron2's ``launch`` (NCCL on GPUs, Gloo on a
+CPU-only machine); ``--num-machines`` / ``--machine-rank`` / ``--dist-url`` span machines. Training
+logs losses, learning rate and ETA, and writes TensorBoard events, ``metrics.json``, checkpoints
+and ``config.yaml`` to OUTPUT_DIR. Evaluation (after training, or with ``--eval-only``) prints a
+table and writes OUTPUT_DIR/inference/<dataset>/evaluation.json.
+"""
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from objguided_d2.engine import Trainer, setup
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
