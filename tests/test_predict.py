@@ -15,6 +15,7 @@ import pytest
 import tifffile
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
@@ -288,3 +289,15 @@ def test_predict_script_round_trips_a_real_architecture(tmp_path):
     assert label_image.dtype == np.uint16 and label_image.shape == (90, 120)
     assert len(np.unique(label_image)) > 2  # overlapping instances, not an empty image
     assert (label_image == painted(predictions, (90, 120))).all()
+
+
+def test_predict_a_registered_dataset_keeps_its_image_ids(stub_predict, images, tmp_path):
+    name = "test_predict_tiny_set"
+    records = [{"file_name": str(images / "gray8.png"), "image_id": 42}]
+    DatasetCatalog.register(name, lambda: records)
+    try:
+        assert stub_predict("--dataset", name, "--output", tmp_path / "out") == 0
+    finally:
+        DatasetCatalog.remove(name)
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert {r["image_id"] for r in predictions} == {42} and len(predictions) == 3

@@ -3,10 +3,10 @@ trains and evaluates, --eval-only reproduces the metrics of the run that saved t
 killed run resumes from its last checkpoint, and two Gloo processes train together.
 
 Tiny settings: 128 px inputs, batch 2, two iterations, the synthetic neural-like sets (generated
-once per module into a temporary $OBJGUIDED_DATASETS). The untrained ObjGuided gets a low center
-threshold so that it predicts something to evaluate. Each process computes on one thread: on a
-small machine shared with other work, two OpenMP threads per process can run an order of
-magnitude slower.
+once per module into a temporary $OBJGUIDED_DATASETS). The barely trained ObjGuided gets low
+center and mask thresholds so that it predicts something to evaluate. Each process computes on
+one thread: on a small machine shared with other work, two OpenMP threads per process can run an
+order of magnitude slower.
 """
 
 import json
@@ -33,14 +33,13 @@ TINY = [
 ]  # fmt: skip
 EXTRA = {
     "objguided": [
-        "MODEL.OBJGUIDED.SCORE_THRESH_TEST",
-        "0.01",
-        "MODEL.OBJGUIDED.TOPK_CENTERS",
-        "20",
+        "MODEL.OBJGUIDED.SCORE_THRESH_TEST", "0.01",
+        "MODEL.OBJGUIDED.TOPK_CENTERS", "20",
+        "MODEL.OBJGUIDED.MASK_THRESH_TEST", "0.25",
     ],
     "mask_rcnn": [],
     "pointrend": [],
-}
+}  # fmt: skip
 EVALUATION = Path("inference/synthetic_neural_val/evaluation.json")
 
 

@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", device])
 
     if args.dataset:
-        images = [(r["file_name"], r["image_id"]) for r in DatasetCatalog.get(args.dataset)]
+        records = DatasetCatalog.get(args.dataset)
+        images = [(r["file_name"], r.get("image_id", i)) for i, r in enumerate(records)]
     else:
         images = [(path, index) for index, path in enumerate(collect_images(args.input))]
     names = output_names([path for path, _ in images])
