@@ -16,7 +16,7 @@ from objguided_d2.engine import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 ARCHITECTURES = {"objguided": "ObjGuided", "mask_rcnn": "Mask R-CNN", "pointrend": "PointRend"}
 PAPER_DATASETS = ("dsb2018", "plant", "neural")
 IMAGENET_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
@@ -26,7 +26,7 @@ def _config(name: str, *opts: str):
     return load_config(str(CONFIG_DIR / name), ["MODEL.DEVICE", "cpu", *opts])
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_every_config_builds_its_model_on_cpu(path):
     # Nothing is downloaded: ImageNet weights are named in the configs, not loaded by build_model.
     cfg = load_config(str(path), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
