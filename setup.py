@@ -3,7 +3,9 @@ from setuptools import find_packages, setup
 setup(
     name="objguided_d2",
     version="0.1.0",
-    description="Object-guided instance segmentation (Yi et al., IEEE TMI 2021) as a Detectron2 plugin",
+    description=(
+        "Object-guided instance segmentation (Yi et al., IEEE TMI 2021) as a Detectron2 plugin"
+    ),
     packages=find_packages(include=["objguided_d2", "objguided_d2.*"]),
     python_requires=">=3.10",
     # detectron2 is not on the package registry under its own name: install it first (README).

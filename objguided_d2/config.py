@@ -77,6 +77,8 @@ def _add_input_config(cfg: CN) -> None:
     # fmt: off
     _C = cfg.INPUT
     _C.IMAGE_SIZE = 512              # side of the square training input; longest side at test
+    # Longest side at test when it differs from training (e.g. training on crops); 0: IMAGE_SIZE.
+    _C.TEST_IMAGE_SIZE = 0
     _C.SQUARE_CROP = CN()
     _C.SQUARE_CROP.ENABLED = True    # random square crop of side max(H, W) * scale (paper)
     # Scales s of the crop side, drawn uniformly (the authors' U{0.6, 0.7, ..., 1.3}).
@@ -85,8 +87,8 @@ def _add_input_config(cfg: CN) -> None:
     # (authors' border 128; their swapped width/height is not reproduced). 0: anywhere.
     _C.SQUARE_CROP.CENTER_MARGIN = 128
     _C.HFLIP_TRAIN = True            # horizontal flip with p = 0.5
-    # Test-time resize: "fit" (longest side to IMAGE_SIZE, aspect kept) or "stretch" (authors: both
-    # sides to IMAGE_SIZE). Predictions always come back at the original resolution.
+    # Test-time resize: "fit" (longest side to the test size, aspect kept) or "stretch" (authors:
+    # both sides to it). Predictions always come back at the original resolution.
     _C.TEST_RESIZE = "fit"
     _C.MIN_INSTANCE_SIZE = 2         # instances whose box is thinner than this (pixels) are dropped
     # fmt: on

@@ -51,6 +51,30 @@ def test_paper_setting_configs_share_data_input_and_schedule_length(dataset):
         assert len({cfg[section][name] for cfg in cfgs.values()}) == 1, key
 
 
+@pytest.mark.parametrize("dataset", ("synthetic_neural", "dsb2018"))
+def test_compact_configs_share_data_input_schedule_and_mask_rois(dataset):
+    variants = {**ARCHITECTURES, "objguided_fast": "ObjGuided"}
+    cfgs = {arch: _config(f"compact/{dataset}_{arch}.yaml") for arch in variants}
+    for arch, cfg in cfgs.items():
+        assert architecture_name(cfg) == variants[arch]
+        assert cfg.DATASETS.TRAIN == (f"{dataset}_train",)
+        assert cfg.DATASETS.TEST == (f"{dataset}_val",)
+        assert cfg.MODEL.WEIGHTS == ""
+        assert (cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.NORM) == (18, "BN")
+        assert (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.TEST_IMAGE_SIZE) == (256, 512)
+        assert cfg.OUTPUT_DIR == f"output/compact/{dataset}_{arch}"
+    for key in ("INPUT.SQUARE_CROP", "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.IMS_PER_BATCH"):
+        section, name = key.split(".")
+        assert len({str(cfg[section][name]) for cfg in cfgs.values()}) == 1, key
+    # As many mask ROIs per image for every architecture.
+    positive_rois = {
+        int(cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE * cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION)
+        for arch, cfg in cfgs.items()
+        if not arch.startswith("objguided")
+    }
+    assert positive_rois == {cfgs["objguided"].MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE}
+
+
 def test_objguided_trains_as_the_authors_baselines_with_detectron2s_recipe():
     objguided, mask_rcnn = _config("neural_objguided.yaml"), _config("neural_mask_rcnn.yaml")
     assert objguided.SOLVER.OPTIMIZER == "ADAM"

@@ -231,6 +231,15 @@ def test_16bit_tiff_grayscale_through_the_mapper(tmp_path, config_mapper):
     assert BioDatasetMapper(config_mapper, is_train=True)(record)["image"].shape == (1, 64, 64)
 
 
+def test_training_crops_and_a_separate_test_size(tmp_path, config_mapper):
+    record = make_record(tmp_path / "wide.png", np.zeros((50, 100), np.uint8))
+    config_mapper.INPUT.TEST_IMAGE_SIZE = 128
+    assert BioDatasetMapper(config_mapper, is_train=True)(record)["image"].shape == (3, 64, 64)
+    assert BioDatasetMapper(config_mapper, is_train=False)(record)["image"].shape == (3, 64, 128)
+    config_mapper.INPUT.TEST_IMAGE_SIZE = 0  # the training size
+    assert BioDatasetMapper(config_mapper, is_train=False)(record)["image"].shape == (3, 32, 64)
+
+
 def test_rgba_png_through_the_mapper(tmp_path, config_mapper):
     rgba = np.zeros((64, 64, 4), np.uint8)
     rgba[..., 2], rgba[..., 3] = 200, 255  # blue, opaque

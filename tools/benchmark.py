@@ -415,8 +415,9 @@ def runner_specs(args) -> list[tuple[str, str]]:
         path = OBJGUIDED_CONFIGS.get(name, name)
         label = name if name in OBJGUIDED_CONFIGS else Path(name).stem
         specs.append((f"objguided[{label}]", path))
-    specs.append(("mask_rcnn", args.mask_rcnn_config))
-    specs.append(("pointrend", args.pointrend_config))
+    for label, path in (("mask_rcnn", args.mask_rcnn_config), ("pointrend", args.pointrend_config)):
+        if path != "none":
+            specs.append((label, path))
     return specs
 
 
@@ -425,6 +426,7 @@ def build_runner(args, label: str, config_file: str) -> Runner:
         "MODEL.WEIGHTS", "",
         "MODEL.DEVICE", args.device,
         "INPUT.IMAGE_SIZE", args.size,
+        "INPUT.TEST_IMAGE_SIZE", args.size,
         # Weights stay fixed (learning rate 0) so that every timed training step does the same
         # work; the optimizer step still runs.
         "SOLVER.BASE_LR", 0.0,
@@ -509,13 +511,16 @@ def time_training(args, runners: list[Runner], batch: list[dict]) -> dict:
         print(f"training iteration {iteration + 1}/{args.train_warmup + args.train_iters} done")
     results = {}
     for runner in runners:
-        entry = {"s_per_iter": statistics.median(seconds[runner.label])}
+        full = seconds[runner.label]
+        entry = {"s_per_iter": statistics.median(full)}
         if runner.has_dense_training:
-            dense = statistics.median(seconds[f"{runner.label}:dense_only"])
-            entry["dense_only_s_per_iter"] = dense
-            entry["mask_branch_s_per_iter"] = entry["s_per_iter"] - dense
-            entry["mask_branch_share"] = entry["mask_branch_s_per_iter"] / entry["s_per_iter"]
-        entry["iterations"] = len(seconds[runner.label])
+            dense = seconds[f"{runner.label}:dense_only"]
+            entry["dense_only_s_per_iter"] = statistics.median(dense)
+            # Paired: each full step against the dense-only step that ran right after it, so that
+            # a load change on a shared machine shifts both.
+            entry["mask_branch_s_per_iter"] = statistics.median(f - d for f, d in zip(full, dense))
+            entry["mask_branch_share"] = statistics.median(1 - d / f for f, d in zip(full, dense))
+        entry["iterations"] = len(full)
         results[runner.label] = entry
     return results
 
@@ -774,14 +779,12 @@ def _fmt(value, digits: int = 1) -> str:
 def target_checks(report: dict) -> list[dict]:
     """The issue's targets, evaluated on this run's numbers where it has them."""
     inference, checks = report["inference"], []
-    labels = list(inference)
-    objguided = [label for label in labels if label.startswith("objguided")]
-    sets = [s["name"] for s in report["inputs"]]
-    synthetic = [s for s in sets if s.startswith("synthetic")]
+    objguided = [label for label in report["configs"] if label.startswith("objguided")]
+    synthetic = [s["name"] for s in report["inputs"] if s["name"].startswith("synthetic")]
     if not objguided:
         return checks
     default = objguided[0]
-    for name, limit in zip(synthetic, (0.15, 0.30)):
+    for name, limit in zip(synthetic if inference else [], (0.15, 0.30)):
         share = inference[default][name]["per_instance_share"]
         checks.append(
             {
@@ -858,14 +861,15 @@ def markdown(report: dict) -> str:
         "",
     ]
     lines += [f"Note: {note}" for note in report["notes"]]
-    lines += [
-        "",
-        "## Inference (equal N; median ms per image)",
-        "",
-        "| model | input | total ms | dense ms | per-instance ms | per-instance share | "
-        "boxes segmented | masks returned | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    if report["inference"]:
+        lines += [
+            "",
+            "## Inference (equal N; median ms per image)",
+            "",
+            "| model | input | total ms | dense ms | per-instance ms | per-instance share | "
+            "boxes segmented | masks returned | peak MB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for label, per_set in report["inference"].items():
         for name, entry in per_set.items():
             counts = entry["instances"]
@@ -954,14 +958,18 @@ def parse_args(argv=None):
         default=["default", "fast"],
         help=f"ObjGuided configs: {', '.join(OBJGUIDED_CONFIGS)} or paths (first = reference)",
     )
-    parser.add_argument("--mask-rcnn-config", default="configs/Base-MaskRCNN.yaml")
-    parser.add_argument("--pointrend-config", default="configs/Base-PointRend.yaml")
+    parser.add_argument(
+        "--mask-rcnn-config", default="configs/Base-MaskRCNN.yaml", help="config or 'none'"
+    )
+    parser.add_argument(
+        "--pointrend-config", default="configs/Base-PointRend.yaml", help="config or 'none'"
+    )
     parser.add_argument("--size", type=int, default=512, help="network input side")
     parser.add_argument("--synthetic-counts", type=int, nargs="*", default=[100, 300])
     parser.add_argument("--dataset", default="dsb2018_val", help="registered dataset or 'none'")
     parser.add_argument("--dataset-images", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed inferences; 0: none")
     parser.add_argument("--train-iters", type=int, default=3, help="timed iterations; 0: none")
     parser.add_argument("--train-warmup", type=int, default=1)
     parser.add_argument("--train-batch", type=int, default=2)
@@ -988,7 +996,8 @@ def main(argv=None) -> dict | None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     specs = runner_specs(args)
-    first_cfg = load_config(str(REPO / specs[0][1]), ["INPUT.IMAGE_SIZE", args.size, *args.opts])
+    sizes = ["INPUT.IMAGE_SIZE", args.size, "INPUT.TEST_IMAGE_SIZE", args.size]
+    first_cfg = load_config(str(REPO / specs[0][1]), [*sizes, *args.opts])
     input_sets, notes = build_input_sets(args, first_cfg)
 
     if args.memory_probe:
@@ -1025,7 +1034,7 @@ def main(argv=None) -> dict | None:
             "train_instances": args.train_instances,
         },
     }
-    report["inference"] = time_inference(args, runners, input_sets)
+    report["inference"] = time_inference(args, runners, input_sets) if args.repeats > 0 else {}
     if args.train_iters > 0:
         batch = training_batch(args, len(first_cfg.MODEL.PIXEL_MEAN))
         report["training_setup"] = (

@@ -23,7 +23,7 @@ def build_bio_augmentations(cfg, is_train: bool) -> list:
     """The paper's augmentations from ``cfg.INPUT`` (see :mod:`objguided_d2.data.transforms`)."""
     size = cfg.INPUT.IMAGE_SIZE
     if not is_train:
-        return [ResizeToInput(size, cfg.INPUT.TEST_RESIZE)]
+        return [ResizeToInput(cfg.INPUT.TEST_IMAGE_SIZE or size, cfg.INPUT.TEST_RESIZE)]
     crop = cfg.INPUT.SQUARE_CROP
     if crop.ENABLED:
         augmentations = [RandomSquareCrop(size, tuple(crop.SCALES), crop.CENTER_MARGIN)]
