@@ -73,6 +73,10 @@ def test_compact_configs_share_data_input_schedule_and_mask_rois(dataset):
         if not arch.startswith("objguided")
     }
     assert positive_rois == {cfgs["objguided"].MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE}
+    # AP is computed on equally low-scored detections.
+    assert cfgs["objguided"].MODEL.OBJGUIDED.SCORE_THRESH_TEST == pytest.approx(
+        cfgs["mask_rcnn"].MODEL.ROI_HEADS.SCORE_THRESH_TEST
+    )
 
 
 def test_objguided_trains_as_the_authors_baselines_with_detectron2s_recipe():
