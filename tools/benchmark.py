@@ -421,12 +421,16 @@ def runner_specs(args) -> list[tuple[str, str]]:
     return specs
 
 
+def input_size_opts(size: int) -> list:
+    """Config overrides that train and test every model at ``size``."""
+    return ["INPUT.IMAGE_SIZE", size, "INPUT.TEST_IMAGE_SIZE", size]
+
+
 def build_runner(args, label: str, config_file: str) -> Runner:
     opts = [
         "MODEL.WEIGHTS", "",
         "MODEL.DEVICE", args.device,
-        "INPUT.IMAGE_SIZE", args.size,
-        "INPUT.TEST_IMAGE_SIZE", args.size,
+        *input_size_opts(args.size),
         # Weights stay fixed (learning rate 0) so that every timed training step does the same
         # work; the optimizer step still runs.
         "SOLVER.BASE_LR", 0.0,
@@ -996,8 +1000,7 @@ def main(argv=None) -> dict | None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     specs = runner_specs(args)
-    sizes = ["INPUT.IMAGE_SIZE", args.size, "INPUT.TEST_IMAGE_SIZE", args.size]
-    first_cfg = load_config(str(REPO / specs[0][1]), [*sizes, *args.opts])
+    first_cfg = load_config(str(REPO / specs[0][1]), [*input_size_opts(args.size), *args.opts])
     input_sets, notes = build_input_sets(args, first_cfg)
 
     if args.memory_probe:
