@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from objguided_d2.modeling.roi_geometry import conv1x1_concat
 
 REPO = Path(__file__).resolve().parents[1]
 COMPACT = "configs/compact/synthetic_neural_{}.yaml"
@@ -99,3 +104,22 @@ def test_memory_probe_reports_the_peak_of_one_inference():
     process = run_benchmark("--memory-probe", "mask_rcnn", f"synthetic_n{NUM_OBJECTS}", *TINY)
     probe = json.loads(process.stdout.strip().splitlines()[-1])
     assert probe["process_peak_mb"] >= probe["peak_mb"] >= 0
+
+
+def test_gmac_count_of_the_concatenation_free_1x1_conv_equals_the_convs():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    skip, up = torch.randn(2, 5, 6, 7), torch.randn(2, 3, 6, 7)
+    weight, bias = torch.randn(4, 8, 1, 1), torch.randn(4)
+    counts = []
+    for run in (
+        lambda: conv1x1_concat([skip, up], weight, bias),
+        lambda: F.conv2d(torch.cat([skip, up], dim=1), weight, bias),
+    ):
+        with FlopCounterMode(display=False, custom_mapping=benchmark._EXTRA_FLOP_FORMULAS) as c:
+            run()
+        counts.append(c.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 2 * 6 * 7 * 8 * 4

@@ -9,6 +9,7 @@ from detectron2.structures import BitMasks
 
 from objguided_d2.modeling.roi_geometry import (
     build_roi_pyramid,
+    conv1x1_concat,
     conv2d_by_taps,
     conv_weight_taps,
     crop_masks,
@@ -108,11 +109,11 @@ def test_crop_of_linear_ramp_is_exact_with_half_pixel_mapping():
     assert valid[0, 0].sum() == h * w and valid[0, 0, :h, :w].all()
 
 
-# Crops that need a gradient are gathers, the others grid_sample: both must follow the contract.
-@pytest.mark.parametrize("needs_grad", [False, True], ids=["grid-sample", "gathers"])
-def test_crop_matches_per_roi_grid_sample_with_zeros_outside_the_map(needs_grad):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_crop_matches_per_roi_grid_sample_with_zeros_outside_the_map(memory_format):
     torch.manual_seed(0)
-    features = torch.randn(2, 3, 16, 20).requires_grad_(needs_grad)  # stride 4 of 64 x 80
+    # stride 4 of 64 x 80
+    features = torch.randn(2, 3, 16, 20).contiguous(memory_format=memory_format)
     boxes = torch.tensor(
         [
             [-6.0, -4.0, 20.0, 30.0],  # sticks out at the top-left
@@ -123,11 +124,12 @@ def test_crop_matches_per_roi_grid_sample_with_zeros_outside_the_map(needs_grad)
     batch_index = torch.tensor([1, 0, 1])
     pyramid = build_roi_pyramid(boxes)
     crops, _ = crop_rois(features, batch_index, pyramid, 2, (12, 12))
+    assert crops.is_contiguous(memory_format=torch.channels_last)
     for r in range(3):
         reference = _reference_crop(features[batch_index[r]], boxes[r].tolist(), 4)
         h, w = reference.shape[1:]
         assert pyramid.level_hw[r, 2].tolist() == [h, w]
-        torch.testing.assert_close(crops[r, :, :h, :w], reference.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(crops[r, :, :h, :w], reference, atol=1e-5, rtol=0)
         assert crops[r, :, h:].abs().sum() == 0 and crops[r, :, :, w:].abs().sum() == 0
 
 
@@ -314,14 +316,27 @@ def test_resize_conv_rois_by_hand():
     assert out[0, 0, 0, 4] == 0 and out[0, 0, 1].abs().sum() == 0
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("kernel_size, out_channels", [(3, 1), (3, 2), (1, 1), (5, 3)])
-def test_conv2d_by_taps_equals_conv2d(kernel_size, out_channels):
+def test_conv2d_by_taps_equals_conv2d(kernel_size, out_channels, memory_format):
     torch.manual_seed(5)
     conv = torch.nn.Conv2d(4, out_channels, kernel_size, padding=kernel_size // 2)
-    x = torch.randn(3, 4, 7, 9)
+    x = torch.randn(3, 4, 7, 9).contiguous(memory_format=memory_format)
     out = conv2d_by_taps(x, conv.weight, conv.bias)
     torch.testing.assert_close(out, conv(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(conv2d_by_taps(x, conv.weight), conv(x) - conv.bias.view(-1, 1, 1))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv1x1_concat_equals_the_conv_of_the_concatenation(with_bias, memory_format):
+    torch.manual_seed(6)
+    conv = torch.nn.Conv2d(5 + 3, 4, 1, bias=with_bias)
+    skip = torch.randn(2, 5, 6, 7).contiguous(memory_format=memory_format)
+    up = torch.randn(2, 3, 6, 7).contiguous(memory_format=memory_format)
+    out = conv1x1_concat([skip, up], conv.weight, conv.bias)
+    torch.testing.assert_close(out, conv(torch.cat([skip, up], dim=1)), atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_zero_padded_conv_is_exact_inside_the_valid_region():

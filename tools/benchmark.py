@@ -377,7 +377,7 @@ class ObjGuidedRunner(Runner):
         gt_instances = [x["instances"].to(self.device) for x in batch]
         features = model.backbone(images.tensor)
         _, losses = model.proposal_generator(images, features, gt_instances)
-        level0 = model.roi_heads.image_conv(images.tensor)
+        level0 = model.roi_heads.level0_map(images)
         return sum(losses.values()) + 0.0 * level0.sum()
 
 
@@ -534,6 +534,12 @@ def _gather_flops(weight, indices, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(indices) * weight[1]
 
 
+def _addmm_inplace_flops(input, mat1, mat2, *args, out_shape=None, **kwargs) -> int:
+    """aten addmm_ (ObjGuided's 1 x 1 convs of concatenations), which torch counts only out of
+    place."""
+    return 2 * mat1[0] * mat1[1] * mat2[1]
+
+
 def _grid_sample_flops(image, grid, *args, out_shape=None, **kwargs) -> int:
     """aten grid_sampler_2d (PointRend's point sampling, detectron2's paste-back): 4 bilinear
     taps per output element."""
@@ -557,6 +563,7 @@ _roi_align_flops._get_raw = True  # the formula needs the boxes, not only shapes
 _EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._embedding_bag_forward_only: _gather_flops,
     torch.ops.aten._embedding_bag: _gather_flops,
+    torch.ops.aten.addmm_: _addmm_inplace_flops,
     torch.ops.aten.grid_sampler_2d: _grid_sample_flops,
     torch.ops.torchvision.roi_align: _roi_align_flops,
 }

@@ -2,11 +2,10 @@
 per-ROI operations on padded ROI batches, paste-back and mask NMS.
 
 Pure tensor code (no detectron2 types). Everything is batched over ROIs (Python loops run over
-levels, size groups, images or memory chunks only) and runs on CPU and CUDA. Where a gradient is
-needed, bilinear sampling is done with gathers (an embedding-bag sum over 4 taps) instead of
-``grid_sample``, whose CUDA backward is non-deterministic: forward passes are gathers and matmuls,
-and the crops' backward also runs under ``torch.use_deterministic_algorithms(True)``. Crops that
-need no gradient (inference) use ``grid_sample``, several times faster on a CPU.
+levels, size groups, images or memory chunks only) and runs on CPU and CUDA. Bilinear sampling
+is done with gathers (an embedding-bag sum over 4 taps) instead of ``grid_sample``, whose CUDA
+backward is non-deterministic: forward passes are gathers and matmuls, and the crops' backward
+also runs under ``torch.use_deterministic_algorithms(True)``.
 
 Coordinates
     Boxes are XYXY in detectron2's continuous pixel coordinates (pixel k spans [k, k + 1]).
@@ -29,7 +28,9 @@ Padded ROI batches
     its input is zero outside the valid region. A conv writes outside it (border taps, bias), so
     multiply by the valid mask before the next conv. :func:`masked_instance_norm`,
     :func:`resize_rois_bilinear` and :func:`resize_conv_rois` return zeros outside, and ReLU keeps
-    zeros.
+    zeros. Crops and resizes come in channels-last memory format, which elementwise ops keep: the
+    convolutions on these small, many-channel maps run up to 1.7x faster on a CPU than in NCHW,
+    and the gathers read channels-last feature maps without a transposed copy.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ __all__ = [
     "conv_weight_taps",
     "resize_conv_rois",
     "resize_conv_pays",
+    "conv1x1_concat",
     "conv2d_by_taps",
     "paste_masks",
     "mask_to_boxes",
@@ -323,9 +325,9 @@ def channel_rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
-def _rows_to_nchw(x: torch.Tensor) -> torch.Tensor:
-    """(R, H, W, C) -> contiguous (R, C, H, W)."""
-    return x.permute(0, 3, 1, 2).contiguous()
+def _rows_to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous (R, H, W, C) -> (R, C, H, W) in channels-last memory format (a view)."""
+    return x.permute(0, 3, 1, 2)
 
 
 def _level_positions(
@@ -368,13 +370,7 @@ def _crop_packed(
     level: int,
     batches: Sequence[tuple[torch.Tensor | slice, tuple[int, int]]],
 ) -> list[torch.Tensor]:
-    """Crops of several padded batches (ROI subset, (Hp, Wp)) of one level: one gather for all
-    when ``feature`` needs a gradient, else ``grid_sample`` per batch and image."""
-    if not (torch.is_grad_enabled() and feature.requires_grad):
-        return [
-            _grid_sample_crops(feature, batch_index[rois], pyramid[rois], level, pad_hw)
-            for rois, pad_hw in batches
-        ]
+    """Crops of several padded batches (ROI subset, (Hp, Wp)) of one level: one gather for all."""
     _, channels, height, width = feature.shape
     indices, weights, shapes = [], [], []
     for rois, pad_hw in batches:
@@ -387,35 +383,9 @@ def _crop_packed(
     samples = gather_bilinear(channel_rows(feature), torch.cat(indices), torch.cat(weights))
     sizes = [g * h * w for g, h, w in shapes]
     return [
-        _rows_to_nchw(part.view(*shape, channels))
+        _rows_to_channels_last(part.view(*shape, channels))
         for part, shape in zip(torch.split(samples, sizes), shapes)
     ]
-
-
-def _grid_sample_crops(
-    feature: torch.Tensor,
-    images: torch.Tensor,
-    pyramid: RoiPyramid,
-    level: int,
-    pad_hw: Sequence[int],
-) -> torch.Tensor:
-    """(G, C, Hp, Wp) crops of G ROIs (``images``: (G,) the image of each) with ``grid_sample``,
-    the same bilinear, zero-padded sampling as the gathers."""
-    num_images, channels, height, width = feature.shape
-    (y, y_valid), (x, x_valid) = _level_positions(pyramid, level, pad_hw)
-    # align_corners=False coordinates; padded samples lie far outside the map and read zeros
-    grid_x = ((2 * x + 1) / width - 1).masked_fill(~x_valid, -3.0)
-    grid_y = ((2 * y + 1) / height - 1).masked_fill(~y_valid, -3.0)
-    grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=-1)
-    grid = grid.to(feature.dtype)
-    if num_images == 1:
-        return F.grid_sample(feature.expand(len(grid), -1, -1, -1), grid, align_corners=False)
-    crops = feature.new_empty(len(grid), channels, *pad_hw)
-    for image in images.unique().tolist():
-        mine = torch.nonzero(images == image).squeeze(1)
-        source = feature[image : image + 1].expand(len(mine), -1, -1, -1)
-        crops[mine] = F.grid_sample(source, grid[mine], align_corners=False)
-    return crops
 
 
 def crop_roi_groups(
@@ -439,8 +409,8 @@ def crop_roi_groups(
         groups: index groups into ``pyramid`` with their pads.
 
     Returns:
-        Per group a (G, C, Hp, Wp) tensor (Hp, Wp = ``group.pad_hw[level]``): ROI crops sampled
-        bilinearly at the pyramid's positions, zero outside each ROI's valid region.
+        Per group a (G, C, Hp, Wp) channels-last tensor (Hp, Wp = ``group.pad_hw[level]``): ROI
+        crops sampled bilinearly at the pyramid's positions, zero outside each ROI's valid region.
     """
     if not groups:
         return []
@@ -465,8 +435,8 @@ def crop_rois(
         pad_hw: (Hp, Wp), at least the largest (h, w) of the level.
 
     Returns:
-        crops (R, C, Hp, Wp), zero outside each ROI's valid region (ROIs without this level are
-        all zero), and valid (R, 1, Hp, Wp) bool.
+        crops (R, C, Hp, Wp) channels-last, zero outside each ROI's valid region (ROIs without
+        this level are all zero), and valid (R, 1, Hp, Wp) bool.
     """
     pad_hw = (int(pad_hw[0]), int(pad_hw[1]))
     (crops,) = _crop_packed(feature, batch_index, pyramid, level, [(slice(None), pad_hw)])
@@ -526,12 +496,17 @@ def masked_instance_norm(
     """
     # statistics in float32 even under autocast, as nn.InstanceNorm2d computes them
     values = x.float()
+    num_rois, channels = values.shape[:2]
     valid = valid.to(values.dtype)
     count = valid.sum(dim=(2, 3), keepdim=True).clamp(min=1)
-    mean = (values * valid).sum(dim=(2, 3), keepdim=True) / count
+    # masked sums as one (1, P) @ (P, C) matmul per ROI: no masked copy (positions are a view of
+    # a channels-last x)
+    positions = values.permute(0, 2, 3, 1).reshape(num_rois, -1, channels)
+    sums = valid.reshape(num_rois, 1, -1) @ positions
+    mean = sums.view(num_rois, channels, 1, 1) / count
     # masked in place: a fresh temporary, not saved for the backward
     centered = (values - mean).mul_(valid)
-    var = (centered * centered).sum(dim=(2, 3), keepdim=True) / count
+    var = centered.square().sum(dim=(2, 3), keepdim=True) / count
     out = centered * torch.rsqrt(var + eps)
     if weight is not None:
         out = out * weight.view(1, -1, 1, 1)
@@ -555,7 +530,7 @@ def resize_rois_bilinear(
         pad_hw: (Ho, Wo) padded output size, at least the largest target size.
 
     Returns:
-        (R, C, Ho, Wo), zero outside each ROI's target region.
+        (R, C, Ho, Wo) channels-last, zero outside each ROI's target region.
     """
     num_rois, _, pad_h, pad_w = x.shape
     taps = []
@@ -572,7 +547,7 @@ def resize_rois_bilinear(
     index, weights = bilinear_tap_rows(
         plane_rows, pad_w, (ty[..., None], wy[..., None]), (tx[:, :, None, :], wx[:, :, None, :])
     )
-    return _rows_to_nchw(gather_bilinear(channel_rows(x), index, weights))
+    return _rows_to_channels_last(gather_bilinear(channel_rows(x), index, weights))
 
 
 def _one_hot_rows(taps: torch.Tensor, weights: torch.Tensor, origin: torch.Tensor, length: int):
@@ -636,7 +611,7 @@ def resize_conv_rois(
             (h, w) source and target sizes; pad_hw (Ho, Wo), at least the largest target size.
 
     Returns:
-        per batch (R, C_out, Ho, Wo) (a permuted view), zero outside each ROI's target region.
+        per batch (R, C_out, Ho, Wo) channels-last, zero outside each ROI's target region.
     """
     in_channels, k, _, out_channels = weight_taps.shape
     # Channel mixes of every tap (dy, dx) at every source position, positions column-major: the
@@ -653,7 +628,8 @@ def resize_conv_rois(
         along_y = part.transpose(2, 3) @ rows_y.transpose(1, 2)[:, None]
         rows_x = _shifted_resize_rows(in_hw[:, 1], out_hw[:, 1], in_w, out_w, k).to(x.dtype)
         out = rows_x @ along_y.reshape(num_rois, in_w * k, out_channels * out_h)
-        outputs.append(out.view(num_rois, out_w, out_channels, out_h).permute(0, 2, 3, 1))
+        out = out.view(num_rois, out_w, out_channels, out_h).permute(0, 2, 3, 1)
+        outputs.append(out.contiguous(memory_format=torch.channels_last))
     return outputs
 
 
@@ -677,6 +653,36 @@ def resize_conv_pays(
     return _MATMUL_COST * matmuls + _TAP_MAP_ELEMENT_COST * k * k * in_h * in_w < saved
 
 
+def conv1x1_concat(
+    inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.conv2d(torch.cat(inputs, dim=1), weight, bias)`` for a 1 x 1 ``weight``, as one matmul
+    per input over its positions, without the concatenated copy.
+
+    The positions of channels-last inputs are views, so nothing is copied (PyTorch's CPU
+    convolution runs 1 x 1 convs of fewer than 16 images on one thread through a slow per-sample
+    path, after the concatenation's copy).
+
+    Args:
+        inputs: (N, C_i, H, W) each, channels summing to C_in.
+        weight: (C_out, C_in, 1, 1).
+        bias: (C_out,) or None.
+
+    Returns:
+        (N, C_out, H, W), channels-last.
+    """
+    num, _, height, width = inputs[0].shape
+    weights = weight.flatten(1).split([x.shape[1] for x in inputs], dim=1)
+    out = None
+    for x, part in zip(inputs, weights):
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        if out is None:
+            out = rows @ part.t() if bias is None else torch.addmm(bias, rows, part.t())
+        else:
+            out = out.addmm_(rows, part.t())
+    return out.view(num, height, width, -1).permute(0, 3, 1, 2)
+
+
 def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``F.conv2d(x, weight, bias, padding=k // 2)`` (stride 1) as one channel mix into the
     k * k * C_out tap maps and a sum of their shifted copies.
@@ -690,16 +696,18 @@ def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         bias: (C_out,) or None.
 
     Returns:
-        (N, C_out, H, W).
+        (N, C_out, H, W), channels-last.
     """
     num, in_channels, height, width = x.shape
     out_channels, _, k, _ = weight.shape
-    taps = weight.permute(2, 3, 0, 1).reshape(-1, in_channels)
-    mixed = (taps @ x.reshape(num, in_channels, -1)).view(num, k, k, out_channels, height, width)
-    mixed = F.pad(mixed, (k // 2,) * 4)
+    taps = weight.permute(1, 2, 3, 0).reshape(in_channels, -1)
+    # (N, H, W, k, k, C_out), rows of the positions: a view of a channels-last x
+    mixed = (x.permute(0, 2, 3, 1) @ taps).view(num, height, width, k, k, out_channels)
+    mixed = F.pad(mixed, (0, 0, 0, 0, 0, 0) + (k // 2,) * 4)
     out = sum(
-        mixed[:, dy, dx, :, dy : dy + height, dx : dx + width] for dy in range(k) for dx in range(k)
+        mixed[:, dy : dy + height, dx : dx + width, dy, dx] for dy in range(k) for dx in range(k)
     )
+    out = out.permute(0, 3, 1, 2)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 

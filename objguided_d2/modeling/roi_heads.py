@@ -33,6 +33,7 @@ from .roi_geometry import (
     RoiGroup,
     RoiPyramid,
     build_roi_pyramid,
+    conv1x1_concat,
     conv2d_by_taps,
     conv_weight_taps,
     crop_masks,
@@ -266,7 +267,10 @@ class ObjGuidedROIHeads(nn.Module):
         """
         if not groups:
             return []
-        level_maps = [self.image_conv(images.tensor)] + [features[f] for f in self.in_features]
+        # Channels-last maps: the crops' gathers read them without a transposed copy.
+        level_maps = [self.level0_map(images)] + [
+            features[f].contiguous(memory_format=torch.channels_last) for f in self.in_features
+        ]
         num_levels = max(group.num_levels for group in groups)
         valid_hw = [pyramid.level_hw[group.indices, : group.num_levels] for group in groups]
         # Top-down, one level at a time over all groups, so that each S module mixes the channels
@@ -296,13 +300,18 @@ class ObjGuidedROIHeads(nn.Module):
                     e2[i] = tops[i]
         return [self._seg_head(x, hw, e) for x, hw, e in zip(tops, valid_hw, e2)]
 
+    def level0_map(self, images: ImageList) -> torch.Tensor:
+        """(N, C0, H, W) level-0 map: the image conv at stride 1, channels-last (its convolutions
+        run faster so on a CPU, and the crops' gathers read it as it is)."""
+        return self.image_conv(images.tensor.contiguous(memory_format=torch.channels_last))
+
     def _seg_head(
         self, e1: torch.Tensor, valid_hw: torch.Tensor, e2: torch.Tensor | None
     ) -> GroupOutput:
         """The two-conv seg head on one group's level-0 map."""
         valid0 = valid_mask(valid_hw[:, 0], e1.shape[-2:]).to(e1.dtype)
         # Each conv writes outside the valid region (bias, border taps): re-zero before the next.
-        hidden = F.relu(self.seg_conv(e1)) * valid0
+        hidden = F.relu_(self.seg_conv(e1)) * valid0
         predictor = self.seg_predictor
         logits = conv2d_by_taps(hidden, predictor.weight, predictor.bias) * valid0
         return GroupOutput(logits=logits, e1=e1, e2=e2, valid_hw=valid_hw)
@@ -339,9 +348,10 @@ class ObjGuidedROIHeads(nn.Module):
                 up = next(fused)
             else:
                 up = conv(resize_rois_bilinear(low, low_hw, skip_hw, skip.shape[-2:]))
-            up = F.relu(self._instance_norm(block.norm_low, up, valid))
-            fused_map = block.conv_fuse(torch.cat([skip, up], dim=1))
-            outputs.append(F.relu(self._instance_norm(block.norm_fuse, fused_map, valid)))
+            # ReLUs in place on the norms' fresh outputs
+            up = F.relu_(self._instance_norm(block.norm_low, up, valid))
+            fused_map = conv1x1_concat([skip, up], block.conv_fuse.weight, block.conv_fuse.bias)
+            outputs.append(F.relu_(self._instance_norm(block.norm_fuse, fused_map, valid)))
         return outputs
 
     @staticmethod
