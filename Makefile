@@ -7,7 +7,7 @@ setup:
 	@bash tools/setup_env.sh
 
 lint: setup
-	$(PYTHON_VENV) -m ruff check objguided_d2 tools datasets tests setup.py
+	$(PYTHON_VENV) -m ruff check objguided_d2 tools datasets tests benchmarks setup.py
 
 test: lint
 	$(PYTHON_VENV) -m pytest tests
