@@ -673,13 +673,13 @@ def conv1x1_concat(
     """
     num, _, height, width = inputs[0].shape
     weights = weight.flatten(1).split([x.shape[1] for x in inputs], dim=1)
-    out = None
-    for x, part in zip(inputs, weights):
-        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        if out is None:
-            out = rows @ part.t() if bias is None else torch.addmm(bias, rows, part.t())
-        else:
-            out = out.addmm_(rows, part.t())
+    (first, first_weight), *rest = (
+        (x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), part.t())
+        for x, part in zip(inputs, weights)
+    )
+    out = first @ first_weight if bias is None else torch.addmm(bias, first, first_weight)
+    for rows, part in rest:
+        out.addmm_(rows, part)
     return out.view(num, height, width, -1).permute(0, 3, 1, 2)
 
 
