@@ -501,7 +501,7 @@ def masked_instance_norm(
     count = valid.sum(dim=(2, 3), keepdim=True).clamp(min=1)
     # masked sums as one (1, P) @ (P, C) matmul per ROI: no masked copy (positions are a view of
     # a channels-last x)
-    positions = values.permute(0, 2, 3, 1).reshape(num_rois, -1, channels)
+    positions = channel_rows(values).view(num_rois, -1, channels)
     sums = valid.reshape(num_rois, 1, -1) @ positions
     mean = sums.view(num_rois, channels, 1, 1) / count
     # masked in place: a fresh temporary, not saved for the backward
@@ -673,10 +673,7 @@ def conv1x1_concat(
     """
     num, _, height, width = inputs[0].shape
     weights = weight.flatten(1).split([x.shape[1] for x in inputs], dim=1)
-    (first, first_weight), *rest = (
-        (x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), part.t())
-        for x, part in zip(inputs, weights)
-    )
+    (first, first_weight), *rest = ((channel_rows(x), part.t()) for x, part in zip(inputs, weights))
     out = first @ first_weight if bias is None else torch.addmm(bias, first, first_weight)
     for rows, part in rest:
         out.addmm_(rows, part)
