@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import BitMasks, Instances
 
 from objguided_d2 import add_objguided_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str) -> ModuleType:
+    """A script of tools/ as a module (tools/ is not a package), registered in sys.modules so
+    that its dataclasses resolve their annotations."""
+    module_name = f"{name}_tool"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def objguided_cfg(depth: int = 50, *, compact: bool = False, opts: list | None = None) -> CfgNode:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import load_tool
 from torch.utils.flop_counter import FlopCounterMode
 
 from objguided_d2.modeling.roi_geometry import conv1x1_concat
@@ -107,11 +108,7 @@ def test_memory_probe_reports_the_peak_of_one_inference():
 
 
 def test_gmac_count_of_the_concatenation_free_1x1_conv_equals_the_convs():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import benchmark
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    benchmark = load_tool("benchmark")
     skip, up = torch.randn(2, 5, 6, 7), torch.randn(2, 3, 6, 7)
     weight, bias = torch.randn(4, 8, 1, 1), torch.randn(4)
     counts = []

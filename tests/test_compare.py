@@ -1,21 +1,13 @@
 """tools/compare.py on crafted evaluation outputs: the markdown table, run lookup and the plots."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import cv2
 import pytest
+from helpers import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 IOUS = [f"{0.5 + 0.05 * i:.2f}" for i in range(10)]
-
-
-def load_compare():
-    spec = importlib.util.spec_from_file_location("compare_tool", REPO / "tools" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_run(output_dir: Path, dataset: str, method: str, results: dict, ap_top: float) -> Path:
@@ -57,7 +49,7 @@ def runs(tmp_path):
 
 
 def test_table_has_a_row_per_run_and_the_metrics_any_run_has(runs, capsys):
-    compare = load_compare()
+    compare = load_tool("compare")
     output = runs / "cmp"
     specs = [str(runs / "og"), f"R-CNN 1x={runs / 'mrcnn' / 'inference' / 'neural_val'}"]
     assert compare.main([*specs, "--output", str(output)]) == 0
@@ -78,7 +70,7 @@ def test_table_has_a_row_per_run_and_the_metrics_any_run_has(runs, capsys):
 
 
 def test_runs_are_found_from_output_dir_folder_or_file_and_same_methods_told_apart(runs):
-    compare = load_compare()
+    compare = load_tool("compare")
     evaluation = runs / "og" / "inference" / "neural_val" / "evaluation.json"
     for path in (runs / "og", evaluation.parent, evaluation):
         assert compare.find_evaluation(str(path), None) == str(evaluation)
@@ -92,7 +84,7 @@ def test_runs_are_found_from_output_dir_folder_or_file_and_same_methods_told_apa
 
 
 def test_an_output_dir_with_several_datasets_needs_dataset(runs):
-    compare = load_compare()
+    compare = load_tool("compare")
     write_run(runs / "og", "neural_test", "ObjGuided", OBJGUIDED, 75.0)
     with pytest.raises(FileNotFoundError, match="neural_test, neural_val"):
         compare.find_evaluation(str(runs / "og"), None)
@@ -101,7 +93,7 @@ def test_an_output_dir_with_several_datasets_needs_dataset(runs):
 
 
 def test_a_path_with_an_equals_sign_is_not_split_into_a_name(tmp_path):
-    compare = load_compare()
+    compare = load_tool("compare")
     write_run(tmp_path / "lr=0.001", "neural_val", "ObjGuided", OBJGUIDED, 80.0)
     run = compare.load_run(str(tmp_path / "lr=0.001"), None)
     assert run["name"] == "ObjGuided" and run["paper"]["metrics"]["APseg_per_iou"]["0.50"] == 80.0

@@ -1,7 +1,6 @@
 """Prediction export: label images, COCO results and overlays (objguided_d2.export), and
 tools/predict.py, whose label TIFFs hold exactly the predicted instances."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from helpers import load_tool
 
 from objguided_d2.engine import load_config
 from objguided_d2.export import (
@@ -30,14 +30,6 @@ from objguided_d2.export import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name: str):
-    """A script of tools/ as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_instances(masks, scores, classes=None) -> Instances:
