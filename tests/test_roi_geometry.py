@@ -22,6 +22,7 @@ from objguided_d2.modeling.roi_geometry import (
     paste_masks,
     resize_conv_rois,
     resize_rois_bilinear,
+    scale_fresh,
     valid_mask,
 )
 
@@ -248,6 +249,39 @@ def test_masked_instance_norm_equals_instance_norm_per_roi(affine):
         h, w = sizes[r]
         torch.testing.assert_close(out[r, :, :h, :w], norm(roi)[0], atol=1e-5, rtol=1e-5)
         assert out[r, :, h:].abs().sum() == 0 and out[r, :, :, w:].abs().sum() == 0
+
+
+def test_masked_instance_norm_keeps_its_input_and_backpropagates():
+    """The norm scales its own temporaries in place when no graph records them: the input stays
+    untouched, and with autograd the gradient equals nn.InstanceNorm2d's on each ROI."""
+    torch.manual_seed(4)
+    sizes = [(5, 7), (9, 3)]
+    batch = torch.randn(2, 3, 9, 7)
+    valid = valid_mask(torch.tensor(sizes), (9, 7))
+    before = batch.clone()
+    with torch.no_grad():
+        inference = masked_instance_norm(batch, valid)
+    assert torch.equal(batch, before)
+
+    batch.requires_grad_()
+    upstream = torch.randn_like(batch)
+    (grad,) = torch.autograd.grad((masked_instance_norm(batch, valid) * upstream).sum(), batch)
+    for r, (h, w) in enumerate(sizes):
+        roi = batch[r : r + 1, :, :h, :w].detach().requires_grad_()
+        out = F.instance_norm(roi)
+        (expected,) = torch.autograd.grad((out * upstream[r : r + 1, :, :h, :w]).sum(), roi)
+        torch.testing.assert_close(inference[r, :, :h, :w], out[0].detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad[r, :, :h, :w], expected[0], atol=1e-5, rtol=1e-4)
+        assert grad[r, :, h:].abs().sum() == 0 and grad[r, :, :, w:].abs().sum() == 0
+
+
+def test_scale_fresh_is_in_place_only_without_autograd():
+    fresh, factor = torch.ones(2, 3), torch.full((1, 3), 2.0)
+    assert scale_fresh(fresh, factor) is fresh and torch.equal(fresh, torch.full((2, 3), 2.0))
+    recorded = torch.ones(2, 3, requires_grad=True) * 1.0
+    out = scale_fresh(recorded, factor)
+    assert out is not recorded and torch.equal(recorded, torch.ones(2, 3))
+    out.sum().backward()  # the graph is intact
 
 
 def test_resize_rois_bilinear_equals_per_roi_interpolate():

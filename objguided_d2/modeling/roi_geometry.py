@@ -53,6 +53,7 @@ __all__ = [
     "crop_roi_groups",
     "crop_masks",
     "masked_instance_norm",
+    "scale_fresh",
     "resize_rois_bilinear",
     "conv_weight_taps",
     "resize_conv_rois",
@@ -298,11 +299,10 @@ def bilinear_tap_rows(
     Returns index (*S, 4) int64 and weights (*S, 4) float64.
     """
     (ty, wy), (tx, wx) = y_taps, x_taps
-    index = torch.stack(
-        [(plane_rows + ty[a]) * row_width + tx[b] for a in (0, 1) for b in (0, 1)], dim=-1
-    )
-    weights = torch.stack([wy[a] * wx[b] for a in (0, 1) for b in (0, 1)], dim=-1)
-    return index, weights
+    # (2, 2, *S): tap (a, b) of row tap a and column tap b, flattened to a * 2 + b
+    index = ((plane_rows + ty) * row_width)[:, None] + tx[None]
+    weights = wy[:, None] * wx[None]
+    return index.flatten(0, 1).movedim(0, -1), weights.flatten(0, 1).movedim(0, -1)
 
 
 def gather_bilinear(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -368,18 +368,31 @@ def _crop_packed(
     batch_index: torch.Tensor,
     pyramid: RoiPyramid,
     level: int,
-    batches: Sequence[tuple[torch.Tensor | slice, tuple[int, int]]],
+    batches: Sequence[tuple[torch.Tensor, tuple[int, int]]],
 ) -> list[torch.Tensor]:
-    """Crops of several padded batches (ROI subset, (Hp, Wp)) of one level: one gather for all."""
+    """Crops of several padded batches (ROI subset (G,) int64, (Hp, Wp)) of one level: one
+    gather for all."""
     _, channels, height, width = feature.shape
+    rois = torch.cat([subset for subset, _ in batches])
+    # Each axis' taps of all the batches' ROIs at once, up to the largest pad; every batch takes
+    # its rows and its own pad (positions past an ROI's own size weigh zero either way).
+    largest_pad = [max(pad_hw[axis] for _, pad_hw in batches) for axis in (0, 1)]
+    (ty, wy), (tx, wx) = _crop_taps(pyramid[rois], level, largest_pad, height, width)
+    plane_rows = (batch_index[rois] * height).view(-1, 1, 1)
     indices, weights, shapes = [], [], []
-    for rois, pad_hw in batches:
-        y_taps, x_taps = _crop_taps(pyramid[rois], level, pad_hw, height, width)
-        plane_rows = (batch_index[rois] * height).view(-1, 1, 1)
-        index, weight = bilinear_tap_rows(plane_rows, width, y_taps, x_taps)
+    start = 0
+    for subset, (pad_h, pad_w) in batches:
+        own = slice(start, start + len(subset))
+        start = own.stop
+        index, weight = bilinear_tap_rows(
+            plane_rows[own],
+            width,
+            (ty[:, own, :pad_h], wy[:, own, :pad_h]),
+            (tx[:, own, :, :pad_w], wx[:, own, :, :pad_w]),
+        )
         indices.append(index.reshape(-1, 4))
         weights.append(weight.reshape(-1, 4))
-        shapes.append((plane_rows.shape[0], *pad_hw))
+        shapes.append((len(subset), pad_h, pad_w))
     samples = gather_bilinear(channel_rows(feature), torch.cat(indices), torch.cat(weights))
     sizes = [g * h * w for g, h, w in shapes]
     return [
@@ -439,7 +452,8 @@ def crop_rois(
         this level are all zero), and valid (R, 1, Hp, Wp) bool.
     """
     pad_hw = (int(pad_hw[0]), int(pad_hw[1]))
-    (crops,) = _crop_packed(feature, batch_index, pyramid, level, [(slice(None), pad_hw)])
+    every = torch.arange(len(pyramid), device=batch_index.device)
+    (crops,) = _crop_packed(feature, batch_index, pyramid, level, [(every, pad_hw)])
     return crops, valid_mask(pyramid.level_hw[:, level], pad_hw)
 
 
@@ -502,17 +516,26 @@ def masked_instance_norm(
     # masked sums as one (1, P) @ (P, C) matmul per ROI: no masked copy (positions are a view of
     # a channels-last x)
     positions = channel_rows(values).view(num_rois, -1, channels)
-    sums = valid.reshape(num_rois, 1, -1) @ positions
+    sums = torch.bmm(valid.reshape(num_rois, 1, -1), positions)
     mean = sums.view(num_rois, channels, 1, 1) / count
     # masked in place: a fresh temporary, not saved for the backward
     centered = (values - mean).mul_(valid)
     var = centered.square().sum(dim=(2, 3), keepdim=True) / count
-    out = centered * torch.rsqrt(var + eps)
+    out = scale_fresh(centered, torch.rsqrt(var + eps))
     if weight is not None:
-        out = out * weight.view(1, -1, 1, 1)
+        out = scale_fresh(out, weight.view(1, -1, 1, 1))
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1) * valid
     return out.to(x.dtype)
+
+
+def scale_fresh(fresh: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``fresh * factor`` for a temporary ``fresh`` of the caller's own: in place when autograd
+    does not record it (inference), where a new map of this size would cost more in first-touch
+    page faults than the multiplication itself."""
+    if fresh.requires_grad or factor.requires_grad:
+        return fresh * factor
+    return fresh.mul_(factor)
 
 
 def resize_rois_bilinear(

@@ -45,6 +45,7 @@ from .roi_geometry import (
     resize_conv_pays,
     resize_conv_rois,
     resize_rois_bilinear,
+    scale_fresh,
     valid_mask,
 )
 
@@ -311,9 +312,9 @@ class ObjGuidedROIHeads(nn.Module):
         """The two-conv seg head on one group's level-0 map."""
         valid0 = valid_mask(valid_hw[:, 0], e1.shape[-2:]).to(e1.dtype)
         # Each conv writes outside the valid region (bias, border taps): re-zero before the next.
-        hidden = F.relu_(self.seg_conv(e1)) * valid0
+        hidden = scale_fresh(F.relu_(self.seg_conv(e1)), valid0)
         predictor = self.seg_predictor
-        logits = conv2d_by_taps(hidden, predictor.weight, predictor.bias) * valid0
+        logits = scale_fresh(conv2d_by_taps(hidden, predictor.weight, predictor.bias), valid0)
         return GroupOutput(logits=logits, e1=e1, e2=e2, valid_hw=valid_hw)
 
     def _fuse_groups(
