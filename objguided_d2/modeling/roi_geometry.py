@@ -584,11 +584,12 @@ def _one_hot_rows(taps: torch.Tensor, weights: torch.Tensor, origin: torch.Tenso
 def _shifted_resize_rows(
     in_len: torch.Tensor, out_len: torch.Tensor, in_pad: int, out_pad: int, kernel_size: int
 ) -> torch.Tensor:
-    """Interpolation matrices of one axis, one per kernel tap: (R, out_pad, in_pad * k).
+    """Interpolation matrices of one axis, one per kernel tap: (R, out_pad, in_pad, k).
 
-    Entry [r, y, i * k + d] is the ``F.interpolate`` (bilinear, align_corners=False) weight of
-    source sample i in output sample y + d - k // 2 of ROI r; zero when that sample or y lies
-    outside the ROI's ``out_len`` (the convolution's zero padding).
+    Entry [r, y, i, d] is the ``F.interpolate`` (bilinear, align_corners=False) weight of source
+    sample i in output sample y + d - k // 2 of ROI r; zero when that sample or y lies outside the
+    ROI's ``out_len`` (the convolution's zero padding). The leading part [:, :o, :i] of each ROI
+    is its matrix for the pads o and i.
     """
     device = in_len.device
     y = torch.arange(out_pad, device=device)
@@ -598,8 +599,7 @@ def _shifted_resize_rows(
     scale = in_len.double().view(-1, 1, 1) / limit.clamp(min=1)
     taps, weights = linear_taps((pos + 0.5) * scale - 0.5, in_len.view(-1, 1, 1), valid, True)
     rows = _one_hot_rows(taps.flatten(2), weights.flatten(2), torch.zeros_like(in_len), in_pad)
-    rows = rows.view(len(in_len), out_pad, kernel_size, in_pad).transpose(2, 3)
-    return rows.reshape(len(in_len), out_pad, in_pad * kernel_size)
+    return rows.view(len(in_len), out_pad, kernel_size, in_pad).transpose(2, 3)
 
 
 def conv_weight_taps(weight: torch.Tensor) -> torch.Tensor:
@@ -641,15 +641,34 @@ def resize_conv_rois(
     # rows of one source column then pair (source row, dy), which the y matrices contract.
     positions = [x.permute(0, 3, 2, 1).reshape(-1, in_channels) for x, _, _, _ in batches]
     mixed = torch.cat(positions) @ weight_taps.view(in_channels, -1)
+    # Each axis' matrices of all the batches' ROIs at once, at the largest pads; every batch takes
+    # its ROIs' leading parts.
+    in_hw_all = torch.cat([in_hw for _, in_hw, _, _ in batches])
+    out_hw_all = torch.cat([out_hw for _, _, out_hw, _ in batches])
+    matrices = [
+        _shifted_resize_rows(
+            in_hw_all[:, axis],
+            out_hw_all[:, axis],
+            max(x.shape[2 + axis] for x, _, _, _ in batches),
+            max(int(pad_hw[axis]) for _, _, _, pad_hw in batches),
+            k,
+        )
+        for axis in (0, 1)
+    ]
     outputs = []
-    for (x, in_hw, out_hw, pad_hw), part in zip(batches, mixed.split([len(p) for p in positions])):
+    start = 0
+    for (x, _, _, pad_hw), part in zip(batches, mixed.split([len(p) for p in positions])):
         num_rois, _, in_h, in_w = x.shape
         out_h, out_w = (int(v) for v in pad_hw)
+        own = slice(start, start + num_rois)
+        start = own.stop
+        rows_y, rows_x = (
+            m[own, :out_len, :in_len].reshape(num_rois, out_len, in_len * k).to(x.dtype)
+            for m, out_len, in_len in zip(matrices, (out_h, out_w), (in_h, in_w))
+        )
         part = part.view(num_rois, in_w, in_h * k, k * out_channels)
-        rows_y = _shifted_resize_rows(in_hw[:, 0], out_hw[:, 0], in_h, out_h, k).to(x.dtype)
         # (R, Wi, [dx, C_out], Ho): rows pair (source column, dx), which the x matrices contract
         along_y = part.transpose(2, 3) @ rows_y.transpose(1, 2)[:, None]
-        rows_x = _shifted_resize_rows(in_hw[:, 1], out_hw[:, 1], in_w, out_w, k).to(x.dtype)
         out = rows_x @ along_y.reshape(num_rois, in_w * k, out_channels * out_h)
         out = out.view(num_rois, out_w, out_channels, out_h).permute(0, 2, 3, 1)
         outputs.append(out.contiguous(memory_format=torch.channels_last))
