@@ -35,6 +35,7 @@ Padded ROI batches
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -320,6 +321,12 @@ def gather_bilinear(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tens
     return out.view(*index.shape[:-1], rows.shape[1])
 
 
+def _consecutive_slices(lengths: Sequence[int]) -> list[slice]:
+    """Slices of consecutive runs of the given lengths: [0, l0), [l0, l0 + l1), ..."""
+    ends = list(itertools.accumulate(lengths))
+    return [slice(end - length, end) for length, end in zip(lengths, ends)]
+
+
 def channel_rows(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N * H * W, C) channels-last rows, the layout the gathers read."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
@@ -380,10 +387,8 @@ def _crop_packed(
     (ty, wy), (tx, wx) = _crop_taps(pyramid[rois], level, largest_pad, height, width)
     plane_rows = (batch_index[rois] * height).view(-1, 1, 1)
     indices, weights, shapes = [], [], []
-    start = 0
-    for subset, (pad_h, pad_w) in batches:
-        own = slice(start, start + len(subset))
-        start = own.stop
+    owns = _consecutive_slices([len(subset) for subset, _ in batches])
+    for (subset, (pad_h, pad_w)), own in zip(batches, owns):
         index, weight = bilinear_tap_rows(
             plane_rows[own],
             width,
@@ -530,9 +535,9 @@ def masked_instance_norm(
 
 
 def scale_fresh(fresh: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``fresh * factor`` for a temporary ``fresh`` of the caller's own: in place when autograd
-    does not record it (inference), where a new map of this size would cost more in first-touch
-    page faults than the multiplication itself."""
+    """``fresh * factor`` (``factor`` broadcastable to ``fresh``'s shape) for a temporary
+    ``fresh`` of the caller's own: in place when autograd records neither (inference), since a
+    new map's first-touch page faults cost about as much again as the multiplication."""
     if fresh.requires_grad or factor.requires_grad:
         return fresh * factor
     return fresh.mul_(factor)
@@ -656,12 +661,11 @@ def resize_conv_rois(
         for axis in (0, 1)
     ]
     outputs = []
-    start = 0
-    for (x, _, _, pad_hw), part in zip(batches, mixed.split([len(p) for p in positions])):
+    owns = _consecutive_slices([x.shape[0] for x, _, _, _ in batches])
+    parts = mixed.split([len(p) for p in positions])
+    for (x, _, _, pad_hw), part, own in zip(batches, parts, owns):
         num_rois, _, in_h, in_w = x.shape
         out_h, out_w = (int(v) for v in pad_hw)
-        own = slice(start, start + num_rois)
-        start = own.stop
         rows_y, rows_x = (
             m[own, :out_len, :in_len].reshape(num_rois, out_len, in_len * k).to(x.dtype)
             for m, out_len, in_len in zip(matrices, (out_h, out_w), (in_h, in_w))
