@@ -282,6 +282,12 @@ def test_scale_fresh_is_in_place_only_without_autograd():
     out = scale_fresh(recorded, factor)
     assert out is not recorded and torch.equal(recorded, torch.ones(2, 3))
     out.sum().backward()  # the graph is intact
+    # a parameter factor (the affine norm's weight) requires a gradient, but no_grad records
+    # nothing
+    parameter = torch.nn.Parameter(torch.full((1, 3), 3.0))
+    with torch.no_grad():
+        assert scale_fresh(fresh, parameter) is fresh
+    assert torch.equal(fresh, torch.full((2, 3), 6.0))
 
 
 def test_resize_rois_bilinear_equals_per_roi_interpolate():

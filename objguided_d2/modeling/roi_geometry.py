@@ -536,9 +536,10 @@ def masked_instance_norm(
 
 def scale_fresh(fresh: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``fresh * factor`` (``factor`` broadcastable to ``fresh``'s shape) for a temporary
-    ``fresh`` of the caller's own: in place when autograd records neither (inference), since a
-    new map's first-touch page faults cost about as much again as the multiplication."""
-    if fresh.requires_grad or factor.requires_grad:
+    ``fresh`` of the caller's own: in place when autograd does not record the product (grad mode
+    off, as at inference, or neither tensor requiring a gradient), since a new map's first-touch
+    page faults cost about as much again as the multiplication."""
+    if torch.is_grad_enabled() and (fresh.requires_grad or factor.requires_grad):
         return fresh * factor
     return fresh.mul_(factor)
 
