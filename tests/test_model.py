@@ -64,6 +64,8 @@ def test_preprocess_normalizes_replicates_gray_and_pads(compact_model):
     images = compact_model.preprocess_image([{"image": image}])
     mean, std = compact_model.pixel_mean.flatten(), compact_model.pixel_std.flatten()
     assert images.tensor.shape == (1, 3, 64, 96) and images.image_sizes == [(50, 70)]
+    # channels-last, so that the ROI heads crop the feature maps without copying them
+    assert images.tensor.is_contiguous(memory_format=torch.channels_last)
     for channel in range(3):
         expected = (100 - mean[channel]) / std[channel]
         torch.testing.assert_close(images.tensor[0, channel, :50, :70], expected.expand(50, 70))

@@ -199,6 +199,26 @@ def test_batched_mask_loss_and_gradients_equal_one_roi_at_a_time(s_module_path):
         torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-4)
 
 
+def test_inference_follows_weight_changes_of_the_fused_s_modules(monkeypatch):
+    """At inference the fused S modules keep their rearranged conv weights between calls, and
+    pick up new weights (a checkpoint loaded into an eval-mode model, as predictors do)."""
+    monkeypatch.setattr(roi_heads_module, "resize_conv_pays", lambda *args: True)
+    torch.manual_seed(0)
+    heads, loaded = make_heads().eval(), make_heads().eval()
+    images, features = make_inputs()
+    with torch.no_grad():
+        per_roi_logits(heads, images, features, batch_rois=True)
+        conv = heads.fusions[0].conv_low
+        assert heads._weight_taps(conv) is heads._weight_taps(conv)
+        heads.load_state_dict(loaded.state_dict())
+        after, _, _ = per_roi_logits(heads, images, features, batch_rois=True)
+        expected, _, _ = per_roi_logits(loaded, images, features, batch_rois=True)
+    for index in expected:
+        torch.testing.assert_close(after[index], expected[index])
+    # with autograd, rearranged afresh inside the graph
+    assert heads._weight_taps(conv).requires_grad
+
+
 def softplus(x: float) -> float:
     return math.log1p(math.exp(x))
 

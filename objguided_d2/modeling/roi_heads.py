@@ -160,6 +160,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.refine_loss_weight = refine_loss_weight
         self.batch_rois = batch_rois
         self.max_group_pixels = max_group_pixels
+        self._inference_weight_taps: dict[nn.Conv2d, tuple[tuple, torch.Tensor]] = {}
 
         self.image_conv = nn.Sequential(
             nn.Conv2d(image_channels, image_conv_channels, 3, padding=1),
@@ -339,7 +340,7 @@ class ObjGuidedROIHeads(nn.Module):
             for (low, skip, low_hw, skip_hw), fuse in zip(batches, pays)
             if fuse
         ]
-        fused = iter(resize_conv_rois(conv_weight_taps(conv.weight), cheaper) if cheaper else [])
+        fused = iter(resize_conv_rois(self._weight_taps(conv), cheaper) if cheaper else [])
         outputs = []
         for (low, skip, low_hw, skip_hw), fuse in zip(batches, pays):
             valid = valid_mask(skip_hw, skip.shape[-2:])
@@ -351,9 +352,23 @@ class ObjGuidedROIHeads(nn.Module):
                 up = conv(resize_rois_bilinear(low, low_hw, skip_hw, skip.shape[-2:]))
             # ReLUs in place on the norms' fresh outputs
             up = F.relu_(self._instance_norm(block.norm_low, up, valid))
-            fused_map = conv1x1_concat([skip, up], block.conv_fuse.weight, block.conv_fuse.bias)
+            # Without conv_fuse's bias either, for the same reason.
+            fused_map = conv1x1_concat([skip, up], block.conv_fuse.weight)
             outputs.append(F.relu_(self._instance_norm(block.norm_fuse, fused_map, valid)))
         return outputs
+
+    def _weight_taps(self, conv: nn.Conv2d) -> torch.Tensor:
+        """:func:`conv_weight_taps` of ``conv``'s weight, kept between calls without autograd
+        (inference) until the weight changes: rearranging S3's weight copies 19 MB."""
+        weight = conv.weight
+        if torch.is_grad_enabled():
+            return conv_weight_taps(weight)
+        # in-place updates (optimizer steps, load_state_dict) bump the version; .to() moves data
+        key = (weight.data_ptr(), weight.device, weight.dtype, weight._version)
+        cached = self._inference_weight_taps.get(conv)
+        if cached is None or cached[0] != key:
+            cached = self._inference_weight_taps[conv] = (key, conv_weight_taps(weight))
+        return cached[1]
 
     @staticmethod
     def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor, valid: torch.Tensor):
