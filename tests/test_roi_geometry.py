@@ -494,6 +494,18 @@ def test_crop_then_paste_reproduces_masks_at_input_resolution():
     assert torch.equal(chunked, pasted)
 
 
+@pytest.mark.parametrize("out_hw", [(384, 512), (780, 1040), (192, 256)])
+def test_paste_gives_the_tight_boxes_of_its_masks(out_hw):
+    masks, pyramid, soft = _crop_shapes(384, 512)
+    soft[2] = 0.0  # an empty mask gets a zero box
+    boxes = torch.full((len(masks), 4), -1.0)
+    pasted = paste_masks(
+        soft, pyramid, (384, 512), out_hw, max_chunk_bytes=1 << 20, boxes_out=boxes
+    )
+    assert not pasted[2].any()
+    assert torch.equal(boxes, mask_to_boxes(pasted))
+
+
 @pytest.mark.parametrize("out_hw", [(780, 1040), (192, 256), (400, 300)])
 def test_paste_to_another_resolution_resizes_the_soft_canvas(out_hw):
     # reference: splat one ROI at a time on the full canvas, F.interpolate it, threshold
@@ -620,3 +632,5 @@ def test_mask_nms_matches_brute_force_on_random_overlaps():
         suppressed |= {j for j in order if iou[i, j] > 0.3}
     keep = mask_nms(masks, scores, 0.3, max_chunk_elements=500)
     assert keep.tolist() == expected
+    boxes = mask_to_boxes(masks)
+    assert mask_nms(masks, scores, 0.3, max_chunk_elements=500, boxes=boxes).tolist() == expected

@@ -768,6 +768,7 @@ def paste_masks(
     threshold: float = 0.5,
     max_chunk_bytes: int = 1 << 28,
     out: torch.Tensor | None = None,
+    boxes_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paste level-0 ROI probabilities back into full-image binary masks.
 
@@ -785,6 +786,8 @@ def paste_masks(
         threshold: probability at or above which a pixel is foreground.
         max_chunk_bytes: rough bound on the temporaries of one chunk of ROIs.
         out: optional (R, H, W) bool tensor to write into (it must be all False).
+        boxes_out: optional (R, 4) float32 tensor that receives the masks' tight boxes, as
+            :func:`mask_to_boxes` gives them (found in each ROI's window, not the whole mask).
 
     Returns:
         (R, H, W) bool masks (``out`` when given). Skipped ROIs give empty masks.
@@ -851,7 +854,12 @@ def paste_masks(
         rows = origin[:, 0, None] + torch.arange(res_h, device=device)
         cols = origin[:, 1, None] + torch.arange(res_w, device=device)
         rois = torch.arange(start, start + soft.shape[0], device=device)
-        out[rois[:, None, None], rows[:, :, None], cols[:, None, :]] = soft >= threshold
+        inside = soft >= threshold
+        out[rois[:, None, None], rows[:, :, None], cols[:, None, :]] = inside
+        if boxes_out is not None:
+            boxes = mask_to_boxes(inside)
+            nonempty = boxes[:, 2:3] > boxes[:, 0:1]
+            boxes_out[rois] = boxes + origin.flip(1).repeat(1, 2) * nonempty
     return out
 
 
@@ -918,24 +926,27 @@ def mask_nms(
     scores: torch.Tensor,
     iou_threshold: float,
     max_chunk_elements: int = 1 << 24,
+    boxes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy mask NMS: a mask whose IoU with a higher-scored kept mask exceeds the threshold is
     suppressed. Empty masks are dropped (never kept); ties in score keep the lower index first.
 
-    Masks are read in full once (their tight boxes); areas and intersections then read only the
-    boxes of each mask and the overlaps of box-overlapping pairs.
+    Masks are read in full once for their tight boxes (unless given); areas and intersections
+    then read only the boxes of each mask and the overlaps of box-overlapping pairs.
 
     Args:
         masks: (N, H, W) bool.
         scores: (N,) scores.
         iou_threshold: IoU above which the lower-scored mask is suppressed.
         max_chunk_elements: bound on the pixels gathered at once.
+        boxes: the masks' tight boxes (:func:`mask_to_boxes`) where the caller has them
+            (:func:`paste_masks` gives them), so that the masks need not be read in full.
 
     Returns:
         keep (K,) int64 indices into ``masks``, by decreasing score.
     """
     device = masks.device
-    boxes = mask_to_boxes(masks).long()
+    boxes = (mask_to_boxes(masks) if boxes is None else boxes).long()
     nonempty = torch.nonzero(boxes[:, 2] > boxes[:, 0]).squeeze(1)
     if nonempty.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=device)

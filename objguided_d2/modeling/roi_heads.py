@@ -496,18 +496,21 @@ class ObjGuidedROIHeads(nn.Module):
                     members.append((group.indices[mine], out.logits[mine].sigmoid()))
             order = torch.cat([m[0] for m in members]) if members else boxes.new_zeros(0).long()
             masks = torch.zeros((len(order), *output_hw), dtype=torch.bool, device=boxes.device)
+            mask_boxes = boxes.new_zeros(len(order), 4)
             start = 0
             for indices, probs in members:
+                mine = slice(start, start + len(indices))
                 paste_masks(
                     probs,
                     pyramid[indices],
                     input_hw,
                     output_hw,
                     threshold=self.mask_thresh_test,
-                    out=masks[start : start + len(indices)],
+                    out=masks[mine],
+                    boxes_out=mask_boxes[mine],
                 )
                 start += len(indices)
-            keep = mask_nms(masks, scores[order], self.mask_nms_thresh)
+            keep = mask_nms(masks, scores[order], self.mask_nms_thresh, boxes=mask_boxes)
             keep = keep[: self.detections_per_image]
             kept = order[keep]
             scale = boxes.new_tensor(
