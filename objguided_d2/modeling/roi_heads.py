@@ -352,7 +352,7 @@ class ObjGuidedROIHeads(nn.Module):
                 up = conv(resize_rois_bilinear(low, low_hw, skip_hw, skip.shape[-2:]))
             # ReLUs in place on the norms' fresh outputs
             up = F.relu_(self._instance_norm(block.norm_low, up, valid))
-            # Without conv_fuse's bias either, for the same reason.
+            # Without conv_fuse's bias: the instance norm right after removes it, as above.
             fused_map = conv1x1_concat([skip, up], block.conv_fuse.weight)
             outputs.append(F.relu_(self._instance_norm(block.norm_fuse, fused_map, valid)))
         return outputs
