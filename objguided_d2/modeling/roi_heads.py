@@ -33,6 +33,7 @@ from .roi_geometry import (
     RoiGroup,
     RoiPyramid,
     build_roi_pyramid,
+    consecutive_slices,
     conv1x1_concat,
     conv2d_by_taps,
     conv_weight_taps,
@@ -497,9 +498,8 @@ class ObjGuidedROIHeads(nn.Module):
             order = torch.cat([m[0] for m in members]) if members else boxes.new_zeros(0).long()
             masks = torch.zeros((len(order), *output_hw), dtype=torch.bool, device=boxes.device)
             mask_boxes = boxes.new_zeros(len(order), 4)
-            start = 0
-            for indices, probs in members:
-                mine = slice(start, start + len(indices))
+            slices = consecutive_slices([len(indices) for indices, _ in members])
+            for (indices, probs), mine in zip(members, slices):
                 paste_masks(
                     probs,
                     pyramid[indices],
@@ -509,7 +509,6 @@ class ObjGuidedROIHeads(nn.Module):
                     out=masks[mine],
                     boxes_out=mask_boxes[mine],
                 )
-                start += len(indices)
             keep = mask_nms(masks, scores[order], self.mask_nms_thresh, boxes=mask_boxes)
             keep = keep[: self.detections_per_image]
             kept = order[keep]
