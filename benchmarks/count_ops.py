@@ -1,4 +1,4 @@
-"""Tensor operations and page faults of ObjGuided's per-instance part, which noise does not move.
+"""Tensor operations (which noise does not move) and page faults of ObjGuided's per-instance part.
 
 Runs the default config's dense forward on the benchmark's synthetic 512 x 512 scene of N objects,
 warms the per-instance part up once, then counts the tensor operations (a ``TorchDispatchMode``)
