@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from detectron2.structures import BitMasks
 
 from objguided_d2.modeling.roi_geometry import (
+    MaskWindows,
     build_roi_pyramid,
     conv1x1_concat,
     conv2d_by_taps,
@@ -19,7 +20,7 @@ from objguided_d2.modeling.roi_geometry import (
     mask_nms,
     mask_to_boxes,
     masked_instance_norm,
-    paste_masks,
+    paste_mask_windows,
     resize_conv_rois,
     resize_rois_bilinear,
     scale_fresh,
@@ -487,23 +488,26 @@ def _reference_canvas(probs, box, height, width):
 
 def test_crop_then_paste_reproduces_masks_at_input_resolution():
     masks, pyramid, soft = _crop_shapes(384, 512)
-    pasted = paste_masks(soft, pyramid, (384, 512), threshold=0.5)
+    windows = paste_mask_windows(soft, pyramid, (384, 512), threshold=0.5)
+    pasted = windows.to_masks()
     assert pasted.dtype == torch.bool and pasted.shape == masks.shape
     assert torch.equal(pasted, masks)  # objects of 8 px and more come back pixel-exact
-    chunked = paste_masks(soft, pyramid, (384, 512), threshold=0.5, max_chunk_bytes=1)
-    assert torch.equal(chunked, pasted)
+    chunked = paste_mask_windows(soft, pyramid, (384, 512), threshold=0.5, max_chunk_bytes=1)
+    assert torch.equal(chunked.to_masks(), pasted)
+    # a subset in another order, and the windows read back as the full masks
+    index = torch.tensor([4, 0, 2])
+    assert torch.equal(windows.to_masks(index), pasted[index])
+    assert torch.equal(MaskWindows.cat([chunked, windows]).to_masks(), torch.cat([pasted, pasted]))
 
 
 @pytest.mark.parametrize("out_hw", [(384, 512), (780, 1040), (192, 256)])
 def test_paste_gives_the_tight_boxes_of_its_masks(out_hw):
     masks, pyramid, soft = _crop_shapes(384, 512)
     soft[2] = 0.0  # an empty mask gets a zero box
-    boxes = torch.full((len(masks), 4), -1.0)
-    pasted = paste_masks(
-        soft, pyramid, (384, 512), out_hw, max_chunk_bytes=1 << 20, boxes_out=boxes
-    )
+    windows = paste_mask_windows(soft, pyramid, (384, 512), out_hw, max_chunk_bytes=1 << 20)
+    pasted = windows.to_masks()
     assert not pasted[2].any()
-    assert torch.equal(boxes, mask_to_boxes(pasted))
+    assert torch.equal(windows.boxes, mask_to_boxes(pasted))
 
 
 @pytest.mark.parametrize("out_hw", [(780, 1040), (192, 256), (400, 300)])
@@ -511,7 +515,9 @@ def test_paste_to_another_resolution_resizes_the_soft_canvas(out_hw):
     # reference: splat one ROI at a time on the full canvas, F.interpolate it, threshold
     masks, pyramid, soft = _crop_shapes(384, 512)
     boxes = BitMasks(masks).get_bounding_boxes().tensor
-    pasted = paste_masks(soft, pyramid, (384, 512), out_hw, threshold=0.5, max_chunk_bytes=1 << 20)
+    pasted = paste_mask_windows(
+        soft, pyramid, (384, 512), out_hw, threshold=0.5, max_chunk_bytes=1 << 20
+    ).to_masks()
     assert pasted.shape == (len(masks), *out_hw)
     for r in range(len(masks)):
         h, w = pyramid.level_hw[r, 0].tolist()
@@ -526,21 +532,13 @@ def test_paste_upscaled_masks_track_the_true_shapes():
     # pasting is at least as good as resizing the input mask, and > 0.99 IoU from 16 px on
     masks, pyramid, soft = _crop_shapes(384, 512)
     out_hw = (780, 1040)
-    pasted = paste_masks(soft, pyramid, (384, 512), out_hw, threshold=0.5)
+    pasted = paste_mask_windows(soft, pyramid, (384, 512), out_hw, threshold=0.5).to_masks()
     resized = F.interpolate(masks[:, None].float(), size=out_hw, mode="bilinear")[:, 0] >= 0.5
     for r, shape in enumerate(_SHAPES):
         fine = _shape_mask(*shape, *out_hw, scale_y=780 / 384, scale_x=1040 / 512)
         assert _iou(pasted[r], fine) >= _iou(resized[r], fine) - 0.005, r
         if min(shape[3:]) >= 8:
             assert _iou(pasted[r], resized[r]) > 0.99, r
-
-
-def test_paste_into_given_tensor():
-    masks, pyramid, soft = _crop_shapes(384, 512)
-    out = torch.zeros(len(masks) + 2, 192, 256, dtype=torch.bool)
-    pasted = paste_masks(soft, pyramid, (384, 512), (192, 256), threshold=0.5, out=out[1:-1])
-    assert pasted.data_ptr() == out[1].data_ptr()
-    assert not out[0].any() and not out[-1].any() and out[1:-1].flatten(1).any(1).all()
 
 
 def test_paste_splats_with_normalized_bilinear_weights():
@@ -554,14 +552,14 @@ def test_paste_splats_with_normalized_bilinear_weights():
     line[9:14] = torch.tensor([0.2, 0.2, 0.9, 0.72, 0.6])
     canvas = line[:, None] * line[None, :]
     for threshold in (0.15, 0.5, 0.53, 0.7):
-        pasted = paste_masks(probs, pyramid, (20, 20), threshold=threshold)
+        pasted = paste_mask_windows(probs, pyramid, (20, 20), threshold=threshold).to_masks()
         assert torch.equal(pasted[0], canvas >= threshold), threshold
 
 
 def test_paste_of_skipped_roi_is_empty():
     pyramid = build_roi_pyramid(torch.tensor([[3.0, 3.0, 4.0, 4.0], [0.0, 0.0, 10.0, 10.0]]))
     probs = torch.ones(2, 1, 11, 11)
-    pasted = paste_masks(probs, pyramid, (20, 20), (40, 40), threshold=0.5)
+    pasted = paste_mask_windows(probs, pyramid, (20, 20), (40, 40), threshold=0.5).to_masks()
     assert pasted[0].sum() == 0 and pasted[1].sum() > 0
 
 
@@ -589,9 +587,9 @@ def test_mask_nms_suppresses_duplicates_and_keeps_disjoint_masks():
     masks[5, 0:1, 30:40] = True  # row-0 mask, disjoint, kept
     masks[6, 35:40, 0:5] = True  # lowest score, kept
     scores = torch.tensor([0.5, 0.9, 0.8, 0.7, 0.95, 0.6, 0.1])  # 4 is empty: dropped
-    assert mask_nms(masks, scores, 0.2).tolist() == [1, 2, 5, 6]
-    assert mask_nms(masks, scores, 0.4).tolist() == [1, 2, 3, 5, 6]
-    assert mask_nms(masks, scores, 0.95).tolist() == [1, 2, 3, 5, 0, 6]
+    assert mask_nms(MaskWindows.from_masks(masks), scores, 0.2).tolist() == [1, 2, 5, 6]
+    assert mask_nms(MaskWindows.from_masks(masks), scores, 0.4).tolist() == [1, 2, 3, 5, 6]
+    assert mask_nms(MaskWindows.from_masks(masks), scores, 0.95).tolist() == [1, 2, 3, 5, 0, 6]
 
 
 def test_mask_nms_chain_follows_greedy_order():
@@ -600,12 +598,16 @@ def test_mask_nms_chain_follows_greedy_order():
     masks[0, :, 0:10] = True
     masks[1, :, 5:15] = True
     masks[2, :, 10:20] = True
-    assert mask_nms(masks, torch.tensor([0.9, 0.8, 0.7]), 0.3).tolist() == [0, 2]
+    assert mask_nms(MaskWindows.from_masks(masks), torch.tensor([0.9, 0.8, 0.7]), 0.3).tolist() == [
+        0,
+        2,
+    ]
 
 
 def test_mask_nms_empty_inputs():
-    assert mask_nms(torch.zeros(3, 8, 8, dtype=torch.bool), torch.rand(3), 0.5).tolist() == []
-    assert mask_nms(torch.zeros(0, 8, 8, dtype=torch.bool), torch.zeros(0), 0.5).tolist() == []
+    for num in (3, 0):
+        empty = MaskWindows.from_masks(torch.zeros(num, 8, 8, dtype=torch.bool))
+        assert mask_nms(empty, torch.rand(num), 0.5).tolist() == []
 
 
 def test_mask_nms_matches_brute_force_on_random_overlaps():
@@ -630,7 +632,32 @@ def test_mask_nms_matches_brute_force_on_random_overlaps():
             continue
         expected.append(i)
         suppressed |= {j for j in order if iou[i, j] > 0.3}
-    keep = mask_nms(masks, scores, 0.3, max_chunk_elements=500)
-    assert keep.tolist() == expected
-    boxes = mask_to_boxes(masks)
-    assert mask_nms(masks, scores, 0.3, max_chunk_elements=500, boxes=boxes).tolist() == expected
+    full = MaskWindows.from_masks(masks)
+    assert mask_nms(full, scores, 0.3, max_chunk_elements=500).tolist() == expected
+    # the same masks in ragged windows around each mask, of random margins, give the same
+    windows = _random_windows(masks, torch.Generator().manual_seed(8))
+    assert torch.equal(windows.to_masks(), masks)
+    assert mask_nms(windows, scores, 0.3, max_chunk_elements=500).tolist() == expected
+
+
+def _random_windows(masks, generator):
+    """MaskWindows of full masks, each in a window of its box widened by random margins."""
+    height, width = masks.shape[1:]
+    pixels, origins, shapes = [], [], []
+    for mask, box in zip(masks, mask_to_boxes(masks).long().tolist()):
+        x1, y1, x2, y2 = box
+        (top, left, bottom, right) = torch.randint(0, 6, (4,), generator=generator).tolist()
+        y1, x1 = max(y1 - top, 0), max(x1 - left, 0)
+        y2, x2 = min(max(y2, y1 + 1) + bottom, height), min(max(x2, x1 + 1) + right, width)
+        pixels.append(mask[y1:y2, x1:x2].reshape(-1))
+        origins.append([y1, x1])
+        shapes.append([y2 - y1, x2 - x1])
+    sizes = torch.tensor([len(p) for p in pixels])
+    return MaskWindows(
+        pixels=torch.cat(pixels),
+        offsets=torch.cumsum(sizes, 0) - sizes,
+        origins=torch.tensor(origins),
+        shapes=torch.tensor(shapes),
+        boxes=mask_to_boxes(masks),
+        image_hw=(height, width),
+    )

@@ -61,7 +61,8 @@ __all__ = [
     "resize_conv_pays",
     "conv1x1_concat",
     "conv2d_by_taps",
-    "paste_masks",
+    "MaskWindows",
+    "paste_mask_windows",
     "mask_to_boxes",
     "mask_nms",
     "consecutive_slices",
@@ -757,27 +758,113 @@ def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 # ---------------------------------------------------------------------------------------------
-# Paste-back
+# Paste-back into mask windows
 # ---------------------------------------------------------------------------------------------
 
 
-def paste_masks(
+@dataclass
+class MaskWindows:
+    """Binary masks of R objects in one H x W image, each stored as a window of the image that
+    holds all of the mask (ragged, concatenated).
+
+    Paste-back writes them and mask NMS reads them, so that only the masks NMS keeps are ever
+    written out at full size (:meth:`to_masks`).
+
+    Attributes:
+        pixels: (P,) bool, the windows' pixels, each window row-major, windows one after another.
+        offsets: (R,) int64 position of each window's first pixel in ``pixels``.
+        origins: (R, 2) int64 (y, x) image position of each window's top-left pixel.
+        shapes: (R, 2) int64 (h, w) of each window (inside the image).
+        boxes: (R, 4) float32 tight XYXY box of each mask, as :func:`mask_to_boxes` gives it
+            (zeros for an empty mask).
+        image_hw: (H, W).
+    """
+
+    pixels: torch.Tensor
+    offsets: torch.Tensor
+    origins: torch.Tensor
+    shapes: torch.Tensor
+    boxes: torch.Tensor
+    image_hw: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0]
+
+    @classmethod
+    def from_masks(cls, masks: torch.Tensor) -> MaskWindows:
+        """Full-image (R, H, W) bool masks as windows covering the whole image."""
+        num, height, width = masks.shape
+        device = masks.device
+        return cls(
+            pixels=masks.reshape(-1),
+            offsets=torch.arange(num, device=device) * (height * width),
+            origins=torch.zeros(num, 2, dtype=torch.long, device=device),
+            shapes=torch.tensor([height, width], device=device).repeat(num, 1),
+            boxes=mask_to_boxes(masks),
+            image_hw=(height, width),
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence[MaskWindows]) -> MaskWindows:
+        """The windows of several parts (same image size, at least one part), in order."""
+        sizes = [len(part.pixels) for part in parts]
+        starts = [end - size for size, end in zip(sizes, itertools.accumulate(sizes))]
+        return cls(
+            pixels=torch.cat([part.pixels for part in parts]),
+            offsets=torch.cat([part.offsets + start for part, start in zip(parts, starts)]),
+            origins=torch.cat([part.origins for part in parts]),
+            shapes=torch.cat([part.shapes for part in parts]),
+            boxes=torch.cat([part.boxes for part in parts]),
+            image_hw=parts[0].image_hw,
+        )
+
+    def read(self, which: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Pixels of masks ``which`` at image positions: which, rows, cols broadcastable to a
+        common shape (e.g. (K, 1, 1), (K, h, 1), (K, 1, w)). Positions outside a mask's window
+        read its nearest window pixel."""
+        origin_y, origin_x = self.origins[which].unbind(-1)
+        height, width = self.shapes[which].unbind(-1)
+        local_y = torch.minimum((rows - origin_y).clamp(min=0), height - 1)
+        local_x = torch.minimum((cols - origin_x).clamp(min=0), width - 1)
+        return self.pixels[self.offsets[which] + local_y * width + local_x]
+
+    def to_masks(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-image masks (K, H, W) bool of the masks ``index`` ((K,) int64, default all), in
+        that order. Only their foreground pixels are written."""
+        device = self.pixels.device
+        if index is None:
+            index = torch.arange(len(self), device=device)
+        masks = torch.zeros((len(index), *self.image_hw), dtype=torch.bool, device=device)
+        row_of = torch.full((len(self),), -1, dtype=torch.long, device=device)
+        row_of[index] = torch.arange(len(index), device=device)
+        position = torch.nonzero(self.pixels).squeeze(1)
+        window = torch.searchsorted(self.offsets, position, right=True) - 1
+        wanted = row_of[window] >= 0
+        position, window = position[wanted], window[wanted]
+        local = position - self.offsets[window]
+        width = self.shapes[window, 1]
+        rows = self.origins[window, 0] + torch.div(local, width, rounding_mode="floor")
+        cols = self.origins[window, 1] + local % width
+        masks[row_of[window], rows, cols] = True
+        return masks
+
+
+def paste_mask_windows(
     probs: torch.Tensor,
     pyramid: RoiPyramid,
     input_hw: Sequence[int],
     output_hw: Sequence[int] | None = None,
     threshold: float = 0.5,
     max_chunk_bytes: int = 1 << 28,
-    out: torch.Tensor | None = None,
-    boxes_out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Paste level-0 ROI probabilities back into full-image binary masks.
+) -> MaskWindows:
+    """Paste level-0 ROI probabilities back into the image as binary masks, each in its ROI's
+    window of the image (:meth:`MaskWindows.to_masks` gives full-image masks).
 
     Each ROI sample (position from the pyramid) splats p * w and w onto its 4 integer neighbours
     with bilinear weights w; the canvas value is sum(p * w) / sum(w) (0 where nothing lands). When
     ``output_hw`` differs, the soft canvas is resized bilinearly (align_corners=False,
     x_out + 0.5 = (x_in + 0.5) * W / w per axis) before thresholding (value >= threshold).
-    Splatting and resizing are separable, so both run as batched matmuls on each ROI's local window.
+    Splatting and resizing are separable, so both run as batched matmuls on each ROI's window.
 
     Args:
         probs: (R, 1, Hp, Wp) level-0 ROI probabilities, ROI r valid in its level-0 (h, w).
@@ -786,19 +873,15 @@ def paste_masks(
         output_hw: (H, W) size of the masks; default ``input_hw``.
         threshold: probability at or above which a pixel is foreground.
         max_chunk_bytes: rough bound on the temporaries of one chunk of ROIs.
-        out: optional (R, H, W) bool tensor to write into (it must be all False).
-        boxes_out: optional (R, 4) float32 tensor that receives the masks' tight boxes, as
-            :func:`mask_to_boxes` gives them (found in each ROI's window, not the whole mask).
 
     Returns:
-        (R, H, W) bool masks (``out`` when given). Skipped ROIs give empty masks.
+        The R masks' windows in an (H, W) image, with their tight boxes. Skipped ROIs give empty
+        masks.
     """
     in_h, in_w = (int(v) for v in input_hw)
     out_h, out_w = (int(v) for v in (output_hw if output_hw is not None else input_hw))
     num_rois, _, pad_h, pad_w = probs.shape
     device = probs.device
-    if out is None:
-        out = torch.zeros(num_rois, out_h, out_w, dtype=torch.bool, device=device)
     # the splat of a sample spacing > 1 px covers at most pad + 2 pixels per axis
     win_h, win_w = min(pad_h + 3, in_h), min(pad_w + 3, in_w)
     resize = (out_h, out_w) != (in_h, in_w)
@@ -812,6 +895,7 @@ def paste_masks(
     canvases = pad_h * pad_w + win_h * pad_w + 3 * win_h * win_w + res_h * win_w + res_h * res_w
     per_roi = 10 * one_hot + 4 * canvases + res_h * res_w
     chunk = max(1, max_chunk_bytes // per_roi)
+    windows, origins, boxes = [], [], []
     for start in range(0, num_rois, chunk):
         part = pyramid[start : start + chunk]
         (y, y_valid), (x, x_valid) = _level_positions(part, 0, (pad_h, pad_w))
@@ -852,16 +936,22 @@ def paste_masks(
                 res_origin.append(o)
             soft = resample[0] @ soft @ resample[1].transpose(1, 2)
             origin = torch.stack(res_origin, dim=1)
-        rows = origin[:, 0, None] + torch.arange(res_h, device=device)
-        cols = origin[:, 1, None] + torch.arange(res_w, device=device)
-        rois = torch.arange(start, start + soft.shape[0], device=device)
         inside = soft >= threshold
-        out[rois[:, None, None], rows[:, :, None], cols[:, None, :]] = inside
-        if boxes_out is not None:
-            boxes = mask_to_boxes(inside)
-            nonempty = boxes[:, 2:3] > boxes[:, 0:1]
-            boxes_out[rois] = boxes + origin.flip(1).repeat(1, 2) * nonempty
-    return out
+        tight = mask_to_boxes(inside)
+        nonempty = tight[:, 2:3] > tight[:, 0:1]
+        windows.append(inside.reshape(-1))
+        origins.append(origin)
+        boxes.append(tight + origin.flip(1).repeat(1, 2) * nonempty)
+    return MaskWindows(
+        pixels=torch.cat(windows) if windows else torch.zeros(0, dtype=torch.bool, device=device),
+        offsets=torch.arange(num_rois, device=device) * (res_h * res_w),
+        origins=torch.cat(origins)
+        if origins
+        else torch.zeros(0, 2, dtype=torch.long, device=device),
+        shapes=torch.tensor([res_h, res_w], device=device).repeat(num_rois, 1),
+        boxes=torch.cat(boxes) if boxes else torch.zeros(0, 4, device=device),
+        image_hw=(out_h, out_w),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -890,64 +980,61 @@ def mask_to_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 def _count_in_windows(
-    masks: torch.Tensor,
+    masks: MaskWindows,
     first: torch.Tensor,
     second: torch.Tensor | None,
     lo: torch.Tensor,
     hi: torch.Tensor,
     max_chunk_elements: int,
 ) -> torch.Tensor:
-    """Pixels set in ``masks[first[p]]`` (and ``masks[second[p]]`` when given) inside the window
-    [lo[p], hi[p]) ((x, y) corners) of each of P windows: (P,) int64.
+    """Pixels set in mask ``first[p]`` (and in mask ``second[p]`` when given) inside the image
+    window [lo[p], hi[p]) ((x, y) corners, inside those masks' own windows) of each of P
+    windows: (P,) int64.
 
     Only the windows are read, gathered in chunks of windows of similar size.
     """
-    device = masks.device
+    device = lo.device
     extent = hi - lo
     counts = torch.zeros(first.shape[0], dtype=torch.long, device=device)
     keys = torch.stack([_size_buckets(extent[:, axis], 1.5, 8.0) for axis in (1, 0)], dim=1)
     for bucket in _split_by_key(keys):
         pad_w, pad_h = (int(v) for v in extent[bucket].amax(dim=0))
         for part in torch.split(bucket, max(1, max_chunk_elements // max(pad_h * pad_w, 1))):
-            rows = lo[part, 1, None] + torch.arange(pad_h, device=device)
-            cols = lo[part, 0, None] + torch.arange(pad_w, device=device)
-            inside = (rows < hi[part, 1, None])[:, :, None] & (cols < hi[part, 0, None])[:, None, :]
-            # rows / cols past the window are masked out; clamping keeps their reads in bounds
-            rows = rows.clamp(max=masks.shape[1] - 1)[:, :, None]
-            cols = cols.clamp(max=masks.shape[2] - 1)[:, None, :]
-            hits = masks[first[part, None, None], rows, cols] & inside
+            rows = (lo[part, 1, None] + torch.arange(pad_h, device=device))[:, :, None]
+            cols = (lo[part, 0, None] + torch.arange(pad_w, device=device))[:, None, :]
+            # positions past the window are masked out (their reads stay in the masks' windows)
+            inside = (rows < hi[part, 1, None, None]) & (cols < hi[part, 0, None, None])
+            hits = masks.read(first[part, None, None], rows, cols) & inside
             if second is not None:
-                hits &= masks[second[part, None, None], rows, cols]
+                hits &= masks.read(second[part, None, None], rows, cols)
             counts[part] = hits.sum(dim=(1, 2))
     return counts
 
 
 def mask_nms(
-    masks: torch.Tensor,
+    masks: MaskWindows,
     scores: torch.Tensor,
     iou_threshold: float,
     max_chunk_elements: int = 1 << 24,
-    boxes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy mask NMS: a mask whose IoU with a higher-scored kept mask exceeds the threshold is
     suppressed. Empty masks are dropped (never kept); ties in score keep the lower index first.
 
-    Masks are read in full once for their tight boxes (unless given); areas and intersections
-    then read only the boxes of each mask and the overlaps of box-overlapping pairs.
+    Areas and intersections read only the tight box of each mask and the box overlaps of
+    box-overlapping pairs.
 
     Args:
-        masks: (N, H, W) bool.
+        masks: the N masks (:func:`paste_mask_windows`, or :meth:`MaskWindows.from_masks` of
+            full-image masks).
         scores: (N,) scores.
         iou_threshold: IoU above which the lower-scored mask is suppressed.
         max_chunk_elements: bound on the pixels gathered at once.
-        boxes: the masks' tight boxes (:func:`mask_to_boxes`) where the caller has them
-            (:func:`paste_masks` gives them), so that the masks need not be read in full.
 
     Returns:
         keep (K,) int64 indices into ``masks``, by decreasing score.
     """
-    device = masks.device
-    boxes = (mask_to_boxes(masks) if boxes is None else boxes).long()
+    device = scores.device
+    boxes = masks.boxes.long()
     nonempty = torch.nonzero(boxes[:, 2] > boxes[:, 0]).squeeze(1)
     if nonempty.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=device)

@@ -6,8 +6,8 @@ decoder's stride-4/8/16 maps (the "object guidance"). The crops are fused top-do
 modules (:class:`FusionBlock` with instance norm) into e2 (level 1) and e1 (level 0), and a
 two-conv head predicts mask logits at the ROI's own level-0 resolution. Training uses the
 ground-truth boxes and adds the auxiliary refinement: point heads on e1 and [e1, e2] at the most
-uncertain points of each predicted mask. Inference pastes the masks back into full-image masks and
-filters them with mask NMS.
+uncertain points of each predicted mask. Inference pastes the masks back into their windows of the
+image, filters them with mask NMS and writes out the kept ones as full-image masks.
 
 ROIs run in padded groups (:func:`.roi_geometry.group_rois`) with every operation masked to each
 ROI's valid region, so the result equals running one ROI at a time; ``batch_rois=False`` runs that
@@ -30,10 +30,10 @@ from torch import nn
 from .backbone import FusionBlock
 from .point_sampling import point_sample_rois, sample_uncertain_points
 from .roi_geometry import (
+    MaskWindows,
     RoiGroup,
     RoiPyramid,
     build_roi_pyramid,
-    consecutive_slices,
     conv1x1_concat,
     conv2d_by_taps,
     conv_weight_taps,
@@ -42,7 +42,7 @@ from .roi_geometry import (
     group_rois,
     mask_nms,
     masked_instance_norm,
-    paste_masks,
+    paste_mask_windows,
     resize_conv_pays,
     resize_conv_rois,
     resize_rois_bilinear,
@@ -490,26 +490,27 @@ class ObjGuidedROIHeads(nn.Module):
 
         results = []
         for image_index, (input_hw, output_hw) in enumerate(zip(images.image_sizes, output_sizes)):
-            members = []  # (ROI indices, their probabilities) per group, this image only
+            order, windows = [], []  # this image's ROIs and their masks' windows, group by group
             for group, out in zip(groups, outputs):
                 mine = batch_index[group.indices] == image_index
                 if mine.any():
-                    members.append((group.indices[mine], out.logits[mine].sigmoid()))
-            order = torch.cat([m[0] for m in members]) if members else boxes.new_zeros(0).long()
-            masks = torch.zeros((len(order), *output_hw), dtype=torch.bool, device=boxes.device)
-            mask_boxes = boxes.new_zeros(len(order), 4)
-            slices = consecutive_slices([len(indices) for indices, _ in members])
-            for (indices, probs), mine in zip(members, slices):
-                paste_masks(
-                    probs,
-                    pyramid[indices],
-                    input_hw,
-                    output_hw,
-                    threshold=self.mask_thresh_test,
-                    out=masks[mine],
-                    boxes_out=mask_boxes[mine],
-                )
-            keep = mask_nms(masks, scores[order], self.mask_nms_thresh, boxes=mask_boxes)
+                    indices = group.indices[mine]
+                    order.append(indices)
+                    windows.append(
+                        paste_mask_windows(
+                            out.logits[mine].sigmoid(),
+                            pyramid[indices],
+                            input_hw,
+                            output_hw,
+                            threshold=self.mask_thresh_test,
+                        )
+                    )
+            if not windows:  # no ROI in this image
+                order.append(batch_index.new_zeros(0))
+                no_masks = torch.zeros((0, *output_hw), dtype=torch.bool, device=boxes.device)
+                windows.append(MaskWindows.from_masks(no_masks))
+            order, windows = torch.cat(order), MaskWindows.cat(windows)
+            keep = mask_nms(windows, scores[order], self.mask_nms_thresh)
             keep = keep[: self.detections_per_image]
             kept = order[keep]
             scale = boxes.new_tensor(
@@ -519,7 +520,7 @@ class ObjGuidedROIHeads(nn.Module):
             instances.pred_boxes = Boxes(boxes[kept] * scale)
             instances.scores = scores[kept]
             instances.pred_classes = classes[kept]
-            instances.pred_masks = masks[keep]
+            instances.pred_masks = windows.to_masks(keep)
             results.append(instances)
         return results
 
