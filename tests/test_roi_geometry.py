@@ -226,8 +226,9 @@ def test_valid_mask():
     assert mask[0, 0, :2, :3].all() and mask[2, 0, :, 0].all()
 
 
+@pytest.mark.parametrize("zero_outside", [True, False])
 @pytest.mark.parametrize("affine", [False, True])
-def test_masked_instance_norm_equals_instance_norm_per_roi(affine):
+def test_masked_instance_norm_equals_instance_norm_per_roi(affine, zero_outside):
     torch.manual_seed(2)
     sizes = [(5, 7), (12, 3), (1, 4), (12, 12)]
     channels = 6
@@ -237,7 +238,7 @@ def test_masked_instance_norm_equals_instance_norm_per_roi(affine):
         torch.nn.init.normal_(norm.bias)
     rois = [torch.randn(1, channels, h, w) * 3 + 1 for h, w in sizes]
     hw = torch.tensor(sizes)
-    batch = torch.zeros(4, channels, 12, 12)
+    batch = torch.randn(4, channels, 12, 12) * 10  # values outside the ROIs must not matter
     for r, roi in enumerate(rois):
         batch[r, :, : sizes[r][0], : sizes[r][1]] = roi[0]
     out = masked_instance_norm(
@@ -245,11 +246,13 @@ def test_masked_instance_norm_equals_instance_norm_per_roi(affine):
         valid_mask(hw, (12, 12)),
         weight=norm.weight if affine else None,
         bias=norm.bias if affine else None,
+        zero_outside=zero_outside,
     )
     for r, roi in enumerate(rois):
         h, w = sizes[r]
         torch.testing.assert_close(out[r, :, :h, :w], norm(roi)[0], atol=1e-5, rtol=1e-5)
-        assert out[r, :, h:].abs().sum() == 0 and out[r, :, :, w:].abs().sum() == 0
+        if zero_outside:
+            assert out[r, :, h:].abs().sum() == 0 and out[r, :, :, w:].abs().sum() == 0
 
 
 def test_masked_instance_norm_keeps_its_input_and_backpropagates():
@@ -366,6 +369,10 @@ def test_conv2d_by_taps_equals_conv2d(kernel_size, out_channels, memory_format):
     out = conv2d_by_taps(x, conv.weight, conv.bias)
     torch.testing.assert_close(out, conv(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(conv2d_by_taps(x, conv.weight), conv(x) - conv.bias.view(-1, 1, 1))
+    # with a valid mask, x outside it counts as zero
+    valid = torch.rand(3, 1, 7, 9) > 0.3
+    masked = conv2d_by_taps(x, conv.weight, conv.bias, valid=valid)
+    torch.testing.assert_close(masked, conv(x * valid), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

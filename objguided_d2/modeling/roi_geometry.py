@@ -500,6 +500,7 @@ def masked_instance_norm(
     eps: float = 1e-5,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    zero_outside: bool = True,
 ) -> torch.Tensor:
     """Instance norm of each ROI over its valid region only.
 
@@ -507,13 +508,16 @@ def masked_instance_norm(
     (biased variance, no running stats).
 
     Args:
-        x: (R, C, Hp, Wp) padded ROI batch.
+        x: (R, C, Hp, Wp) padded ROI batch (any values outside the valid regions).
         valid: (R, 1, Hp, Wp) bool or 0/1 float valid regions.
         eps: added to the variance.
         weight, bias: optional (C,) affine parameters.
+        zero_outside: zero the output outside the valid regions; False leaves there whatever
+            the normalization gives (one pass less, for a consumer that ignores those positions).
 
     Returns:
-        (R, C, Hp, Wp) normalized, zero outside the valid regions (and for empty ROIs).
+        (R, C, Hp, Wp) normalized, zero outside the valid regions (and for empty ROIs) if
+        ``zero_outside``.
     """
     # statistics in float32 even under autocast, as nn.InstanceNorm2d computes them
     values = x.float()
@@ -521,18 +525,21 @@ def masked_instance_norm(
     valid = valid.to(values.dtype)
     count = valid.sum(dim=(2, 3), keepdim=True).clamp(min=1)
     # masked sums as one (1, P) @ (P, C) matmul per ROI: no masked copy (positions are a view of
-    # a channels-last x)
-    positions = channel_rows(values).view(num_rois, -1, channels)
-    sums = torch.bmm(valid.reshape(num_rois, 1, -1), positions)
-    mean = sums.view(num_rois, channels, 1, 1) / count
-    # masked in place: a fresh temporary, not saved for the backward
-    centered = (values - mean).mul_(valid)
-    var = centered.square().sum(dim=(2, 3), keepdim=True) / count
-    out = scale_fresh(centered, torch.rsqrt(var + eps))
+    # a channels-last map)
+    valid_rows = valid.reshape(num_rois, 1, -1)
+
+    def masked_mean(maps: torch.Tensor) -> torch.Tensor:
+        sums = torch.bmm(valid_rows, channel_rows(maps).view(num_rois, -1, channels))
+        return sums.view(num_rois, channels, 1, 1) / count
+
+    centered = values - masked_mean(values)
+    if zero_outside:
+        centered.mul_(valid)  # in place on a fresh temporary, not saved for the backward
+    out = scale_fresh(centered, torch.rsqrt(masked_mean(centered.square()) + eps))
     if weight is not None:
         out = scale_fresh(out, weight.view(1, -1, 1, 1))
     if bias is not None:
-        out = out + bias.view(1, -1, 1, 1) * valid
+        out = out + (bias.view(1, -1, 1, 1) * valid if zero_outside else bias.view(1, -1, 1, 1))
     return out.to(x.dtype)
 
 
@@ -729,7 +736,12 @@ def conv1x1_concat(
     return out.view(num, height, width, -1).permute(0, 3, 1, 2)
 
 
-def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+def conv2d_by_taps(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=k // 2)`` (stride 1) as one channel mix into the
     k * k * C_out tap maps and a sum of their shifted copies.
 
@@ -740,6 +752,8 @@ def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         x: (N, C_in, H, W).
         weight: (C_out, C_in, k, k), k odd.
         bias: (C_out,) or None.
+        valid: optional (N, 1, H, W) bool or 0 / 1 mask; x counts as zero outside it (for a
+            padded ROI batch whose x need not be zero there).
 
     Returns:
         (N, C_out, H, W), channels-last.
@@ -749,6 +763,9 @@ def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     taps = weight.permute(1, 2, 3, 0).reshape(in_channels, -1)
     # (N, H, W, k, k, C_out), rows of the positions: a view of a channels-last x
     mixed = (x.permute(0, 2, 3, 1) @ taps).view(num, height, width, k, k, out_channels)
+    if valid is not None:
+        # zeroing a position's k * k * C_out tap values zeroes its input (C_in values)
+        mixed = scale_fresh(mixed, valid.to(mixed.dtype).view(num, height, width, 1, 1, 1))
     mixed = F.pad(mixed, (0, 0, 0, 0, 0, 0) + (k // 2,) * 4)
     out = sum(
         mixed[:, dy : dy + height, dx : dx + width, dy, dx] for dy in range(k) for dx in range(k)

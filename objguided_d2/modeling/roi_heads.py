@@ -313,10 +313,12 @@ class ObjGuidedROIHeads(nn.Module):
     ) -> GroupOutput:
         """The two-conv seg head on one group's level-0 map."""
         valid0 = valid_mask(valid_hw[:, 0], e1.shape[-2:]).to(e1.dtype)
-        # Each conv writes outside the valid region (bias, border taps): re-zero before the next.
-        hidden = scale_fresh(F.relu_(self.seg_conv(e1)), valid0)
+        # Each conv writes outside the valid region (bias, border taps): the predictor reads
+        # its input as zero there, and its logits are re-zeroed.
+        hidden = F.relu_(self.seg_conv(e1))
         predictor = self.seg_predictor
-        logits = scale_fresh(conv2d_by_taps(hidden, predictor.weight, predictor.bias), valid0)
+        logits = conv2d_by_taps(hidden, predictor.weight, predictor.bias, valid=valid0)
+        logits = scale_fresh(logits, valid0)
         return GroupOutput(logits=logits, e1=e1, e2=e2, valid_hw=valid_hw)
 
     def _fuse_groups(
@@ -351,8 +353,9 @@ class ObjGuidedROIHeads(nn.Module):
                 up = next(fused)
             else:
                 up = conv(resize_rois_bilinear(low, low_hw, skip_hw, skip.shape[-2:]))
-            # ReLUs in place on the norms' fresh outputs
-            up = F.relu_(self._instance_norm(block.norm_low, up, valid))
+            # ReLUs in place on the norms' fresh outputs. conv_fuse mixes channels position by
+            # position and its norm masks, so up may hold anything outside the valid regions.
+            up = F.relu_(self._instance_norm(block.norm_low, up, valid, zero_outside=False))
             # Without conv_fuse's bias: the instance norm right after removes it, as above.
             fused_map = conv1x1_concat([skip, up], block.conv_fuse.weight)
             outputs.append(F.relu_(self._instance_norm(block.norm_fuse, fused_map, valid)))
@@ -372,8 +375,10 @@ class ObjGuidedROIHeads(nn.Module):
         return cached[1]
 
     @staticmethod
-    def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor, valid: torch.Tensor):
-        return masked_instance_norm(x, valid, norm.eps, norm.weight, norm.bias)
+    def _instance_norm(
+        norm: nn.InstanceNorm2d, x: torch.Tensor, valid: torch.Tensor, zero_outside: bool = True
+    ) -> torch.Tensor:
+        return masked_instance_norm(x, valid, norm.eps, norm.weight, norm.bias, zero_outside)
 
     # ---------------------------------------------------------------------------------------
     # Training
