@@ -26,11 +26,13 @@ Padded ROI batches
     Invariant for code that runs layers on such batches: a zero-padded convolution
     (padding = k // 2) gives, inside the valid region, exactly what it gives on the ROI alone iff
     its input is zero outside the valid region. A conv writes outside it (border taps, bias), so
-    multiply by the valid mask before the next conv. :func:`masked_instance_norm`,
-    :func:`resize_rois_bilinear` and :func:`resize_conv_rois` return zeros outside, and ReLU keeps
-    zeros. Crops and resizes come in channels-last memory format, which elementwise ops keep: the
-    convolutions on these small, many-channel maps run up to 1.7x faster on a CPU than in NCHW,
-    and the gathers read channels-last feature maps without a transposed copy.
+    multiply by the valid mask before the next conv (or, for :func:`conv2d_by_taps`, pass it).
+    :func:`masked_instance_norm` (by default), :func:`resize_rois_bilinear` and
+    :func:`resize_conv_rois` return zeros outside, and ReLU keeps zeros; position-wise layers
+    (1 x 1 convs) may run on anything outside if what follows masks. Crops and resizes come in
+    channels-last memory format, which elementwise ops keep: the convolutions on these small,
+    many-channel maps run up to 1.7x faster on a CPU than in NCHW, and the gathers read
+    channels-last feature maps without a transposed copy.
 """
 
 from __future__ import annotations
@@ -535,7 +537,10 @@ def masked_instance_norm(
     centered = values - masked_mean(values)
     if zero_outside:
         centered.mul_(valid)  # in place on a fresh temporary, not saved for the backward
-    out = scale_fresh(centered, torch.rsqrt(masked_mean(centered.square()) + eps))
+        var = centered.square().sum(dim=(2, 3), keepdim=True) / count
+    else:
+        var = masked_mean(centered.square())
+    out = scale_fresh(centered, torch.rsqrt(var + eps))
     if weight is not None:
         out = scale_fresh(out, weight.view(1, -1, 1, 1))
     if bias is not None:
