@@ -31,6 +31,7 @@ from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.structures import Boxes, BoxMode, Instances
 from torch import nn
 
+from objguided_d2.engine import leave_process_group
 from objguided_d2.evaluation import BiologyEvaluator, PaperAPEvaluator
 from objguided_d2.evaluation.matching import encode_masks
 
@@ -319,6 +320,8 @@ def _evaluate_shard(output_dir):
         evaluator.process(inputs[i : i + 1], outputs[i : i + 1])
     results = evaluator.evaluate()
     assert bool(results) == comm.is_main_process()
+    leave_process_group()
+    assert not torch.distributed.is_initialized()
 
 
 def test_predictions_are_gathered_from_every_process(tmp_path):

@@ -19,7 +19,7 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from objguided_d2.engine import Trainer, setup
+from objguided_d2.engine import Trainer, leave_process_group, setup
 
 
 def main(args):
@@ -32,11 +32,12 @@ def main(args):
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
-        return results
-
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    leave_process_group()
+    return results
 
 
 if __name__ == "__main__":

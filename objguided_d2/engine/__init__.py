@@ -7,6 +7,7 @@ from .trainer import (
     create_ddp_model,
     evaluation_dir,
     format_results_table,
+    leave_process_group,
     load_config,
     setup,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "create_ddp_model",
     "evaluation_dir",
     "format_results_table",
+    "leave_process_group",
     "load_config",
     "setup",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "create_ddp_model",
     "evaluation_dir",
     "format_results_table",
+    "leave_process_group",
     "load_config",
     "setup",
 ]
@@ -106,6 +107,18 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     on_gpu = next(model.parameters()).device.type == "cuda"
     device_ids = [comm.get_local_rank()] if on_gpu else None
     return DistributedDataParallel(model, device_ids=device_ids, **kwargs)
+
+
+def leave_process_group() -> None:
+    """Wait for every process, then destroy the default process group (nothing without one).
+
+    For the end of a function run by detectron2's ``launch``, which leaves the group alive: a
+    process that exits while Gloo still holds a connection to a peer can abort (SIGABRT) in the
+    teardown of Gloo's threads, and ``launch`` then fails after the work is done.
+    """
+    if comm.get_world_size() > 1:
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
 
 
 def format_results_table(results: dict) -> str:
