@@ -568,6 +568,8 @@ def test_paste_of_skipped_roi_is_empty():
     probs = torch.ones(2, 1, 11, 11)
     pasted = paste_mask_windows(probs, pyramid, (20, 20), (40, 40), threshold=0.5).to_masks()
     assert pasted[0].sum() == 0 and pasted[1].sum() > 0
+    no_roi = paste_mask_windows(probs[:0], pyramid[:0], (20, 20), (40, 40))
+    assert len(no_roi) == 0 and no_roi.to_masks().shape == (0, 40, 40)
 
 
 # ----------------------------------------------------------------------------- boxes and NMS
@@ -612,9 +614,11 @@ def test_mask_nms_chain_follows_greedy_order():
 
 
 def test_mask_nms_empty_inputs():
-    for num in (3, 0):
-        empty = MaskWindows.from_masks(torch.zeros(num, 8, 8, dtype=torch.bool))
-        assert mask_nms(empty, torch.rand(num), 0.5).tolist() == []
+    empty_masks = MaskWindows.from_masks(torch.zeros(3, 8, 8, dtype=torch.bool))
+    assert mask_nms(empty_masks, torch.rand(3), 0.5).tolist() == []
+    no_masks = MaskWindows.empty((8, 8))
+    assert mask_nms(no_masks, torch.zeros(0), 0.5).tolist() == []
+    assert no_masks.to_masks().shape == (0, 8, 8)
 
 
 def test_mask_nms_matches_brute_force_on_random_overlaps():

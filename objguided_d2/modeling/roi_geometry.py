@@ -827,6 +827,11 @@ class MaskWindows:
         )
 
     @classmethod
+    def empty(cls, image_hw: Sequence[int], device: torch.device | str = "cpu") -> MaskWindows:
+        """No mask, in an (H, W) image."""
+        return cls.from_masks(torch.zeros((0, *image_hw), dtype=torch.bool, device=device))
+
+    @classmethod
     def cat(cls, parts: Sequence[MaskWindows]) -> MaskWindows:
         """The windows of several parts (same image size, at least one part), in order."""
         sizes = [len(part.pixels) for part in parts]
@@ -904,6 +909,8 @@ def paste_mask_windows(
     out_h, out_w = (int(v) for v in (output_hw if output_hw is not None else input_hw))
     num_rois, _, pad_h, pad_w = probs.shape
     device = probs.device
+    if num_rois == 0:
+        return MaskWindows.empty((out_h, out_w), device)
     # the splat of a sample spacing > 1 px covers at most pad + 2 pixels per axis
     win_h, win_w = min(pad_h + 3, in_h), min(pad_w + 3, in_w)
     resize = (out_h, out_w) != (in_h, in_w)
@@ -965,13 +972,11 @@ def paste_mask_windows(
         origins.append(origin)
         boxes.append(tight + origin.flip(1).repeat(1, 2) * nonempty)
     return MaskWindows(
-        pixels=torch.cat(windows) if windows else torch.zeros(0, dtype=torch.bool, device=device),
+        pixels=torch.cat(windows),
         offsets=torch.arange(num_rois, device=device) * (res_h * res_w),
-        origins=torch.cat(origins)
-        if origins
-        else torch.zeros(0, 2, dtype=torch.long, device=device),
+        origins=torch.cat(origins),
         shapes=torch.tensor([res_h, res_w], device=device).repeat(num_rois, 1),
-        boxes=torch.cat(boxes) if boxes else torch.zeros(0, 4, device=device),
+        boxes=torch.cat(boxes),
         image_hw=(out_h, out_w),
     )
 

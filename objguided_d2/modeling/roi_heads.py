@@ -512,8 +512,7 @@ class ObjGuidedROIHeads(nn.Module):
                     )
             if not windows:  # no ROI in this image
                 order.append(batch_index.new_zeros(0))
-                no_masks = torch.zeros((0, *output_hw), dtype=torch.bool, device=boxes.device)
-                windows.append(MaskWindows.from_masks(no_masks))
+                windows.append(MaskWindows.empty(output_hw, boxes.device))
             order, windows = torch.cat(order), MaskWindows.cat(windows)
             keep = mask_nms(windows, scores[order], self.mask_nms_thresh)
             keep = keep[: self.detections_per_image]
