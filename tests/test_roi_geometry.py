@@ -663,10 +663,8 @@ def _random_windows(masks, generator):
         pixels.append(mask[y1:y2, x1:x2].reshape(-1))
         origins.append([y1, x1])
         shapes.append([y2 - y1, x2 - x1])
-    sizes = torch.tensor([len(p) for p in pixels])
     return MaskWindows(
         pixels=torch.cat(pixels),
-        offsets=torch.cumsum(sizes, 0) - sizes,
         origins=torch.tensor(origins),
         shapes=torch.tensor(shapes),
         boxes=mask_to_boxes(masks),

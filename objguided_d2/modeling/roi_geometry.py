@@ -40,7 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -794,23 +794,28 @@ class MaskWindows:
 
     Attributes:
         pixels: (P,) bool, the windows' pixels, each window row-major, windows one after another.
-        offsets: (R,) int64 position of each window's first pixel in ``pixels``.
         origins: (R, 2) int64 (y, x) image position of each window's top-left pixel.
         shapes: (R, 2) int64 (h, w) of each window (inside the image).
         boxes: (R, 4) float32 tight XYXY box of each mask, as :func:`mask_to_boxes` gives it
             (zeros for an empty mask).
         image_hw: (H, W).
+        offsets: (R,) int64 position of each window's first pixel in ``pixels`` (derived from
+            ``shapes``).
     """
 
     pixels: torch.Tensor
-    offsets: torch.Tensor
     origins: torch.Tensor
     shapes: torch.Tensor
     boxes: torch.Tensor
     image_hw: tuple[int, int]
+    offsets: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        sizes = self.shapes.prod(dim=1)
+        self.offsets = torch.cumsum(sizes, 0) - sizes
 
     def __len__(self) -> int:
-        return self.offsets.shape[0]
+        return self.shapes.shape[0]
 
     @classmethod
     def from_masks(cls, masks: torch.Tensor) -> MaskWindows:
@@ -819,7 +824,6 @@ class MaskWindows:
         device = masks.device
         return cls(
             pixels=masks.reshape(-1),
-            offsets=torch.arange(num, device=device) * (height * width),
             origins=torch.zeros(num, 2, dtype=torch.long, device=device),
             shapes=torch.tensor([height, width], device=device).repeat(num, 1),
             boxes=mask_to_boxes(masks),
@@ -834,11 +838,8 @@ class MaskWindows:
     @classmethod
     def cat(cls, parts: Sequence[MaskWindows]) -> MaskWindows:
         """The windows of several parts (same image size, at least one part), in order."""
-        sizes = [len(part.pixels) for part in parts]
-        starts = [end - size for size, end in zip(sizes, itertools.accumulate(sizes))]
         return cls(
             pixels=torch.cat([part.pixels for part in parts]),
-            offsets=torch.cat([part.offsets + start for part, start in zip(parts, starts)]),
             origins=torch.cat([part.origins for part in parts]),
             shapes=torch.cat([part.shapes for part in parts]),
             boxes=torch.cat([part.boxes for part in parts]),
@@ -973,7 +974,6 @@ def paste_mask_windows(
         boxes.append(tight + origin.flip(1).repeat(1, 2) * nonempty)
     return MaskWindows(
         pixels=torch.cat(windows),
-        offsets=torch.arange(num_rois, device=device) * (res_h * res_w),
         origins=torch.cat(origins),
         shapes=torch.tensor([res_h, res_w], device=device).repeat(num_rois, 1),
         boxes=torch.cat(boxes),
