@@ -67,7 +67,6 @@ __all__ = [
     "paste_mask_windows",
     "mask_to_boxes",
     "mask_nms",
-    "consecutive_slices",
     # bilinear-gather building blocks shared with point_sampling
     "linear_taps",
     "bilinear_tap_rows",
@@ -325,7 +324,7 @@ def gather_bilinear(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tens
     return out.view(*index.shape[:-1], rows.shape[1])
 
 
-def consecutive_slices(lengths: Sequence[int]) -> list[slice]:
+def _consecutive_slices(lengths: Sequence[int]) -> list[slice]:
     """Slices of consecutive runs of the given lengths: [0, l0), [l0, l0 + l1), ..."""
     ends = list(itertools.accumulate(lengths))
     return [slice(end - length, end) for length, end in zip(lengths, ends)]
@@ -391,7 +390,7 @@ def _crop_packed(
     (ty, wy), (tx, wx) = _crop_taps(pyramid[rois], level, largest_pad, height, width)
     plane_rows = (batch_index[rois] * height).view(-1, 1, 1)
     indices, weights, shapes = [], [], []
-    owns = consecutive_slices([len(subset) for subset, _ in batches])
+    owns = _consecutive_slices([len(subset) for subset, _ in batches])
     for (subset, (pad_h, pad_w)), own in zip(batches, owns):
         index, weight = bilinear_tap_rows(
             plane_rows[own],
@@ -676,7 +675,7 @@ def resize_conv_rois(
         for axis in (0, 1)
     ]
     outputs = []
-    owns = consecutive_slices([x.shape[0] for x, _, _, _ in batches])
+    owns = _consecutive_slices([x.shape[0] for x, _, _, _ in batches])
     parts = mixed.split([len(p) for p in positions])
     for (x, _, _, pad_hw), part, own in zip(batches, parts, owns):
         num_rois, _, in_h, in_w = x.shape
