@@ -320,8 +320,20 @@ def _evaluate_shard(output_dir):
         evaluator.process(inputs[i : i + 1], outputs[i : i + 1])
     results = evaluator.evaluate()
     assert bool(results) == comm.is_main_process()
+    assert _process_group_threads()
     leave_process_group()
     assert not torch.distributed.is_initialized()
+    # Exiting with these threads alive can abort the process in their teardown.
+    assert not _process_group_threads()
+
+
+def _process_group_threads() -> list[str]:
+    """Names of this process's threads that belong to Gloo or to the TCP store (Linux)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    return [name for name in names if "gloo" in name or "tcpstore" in name]
 
 
 def test_predictions_are_gathered_from_every_process(tmp_path):

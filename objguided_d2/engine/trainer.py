@@ -110,15 +110,19 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
 
 
 def leave_process_group() -> None:
-    """Wait for every process, then destroy the default process group (nothing without one).
+    """Wait for every process, then destroy the process groups (nothing without one).
 
-    For the end of a function run by detectron2's ``launch``, which leaves the group alive: a
-    process that exits while Gloo still holds a connection to a peer can abort (SIGABRT) in the
-    teardown of Gloo's threads, and ``launch`` then fails after the work is done.
+    For the end of a function run by detectron2's ``launch``, which leaves the groups alive: a
+    process that exits while Gloo's threads still run can abort (SIGABRT, "terminate called
+    without an active exception") in their teardown, and ``launch`` then fails after the work is
+    done. A group's threads stop only when its last reference goes, and detectron2's ``comm``
+    keeps two: the local group and the cached global Gloo group.
     """
     if comm.get_world_size() > 1:
         comm.synchronize()
         torch.distributed.destroy_process_group()
+        comm._LOCAL_PROCESS_GROUP = None
+        comm._get_global_gloo_group.cache_clear()
 
 
 def format_results_table(results: dict) -> str:
