@@ -143,7 +143,7 @@ def test_crop_groups_equal_single_batch_crops_and_gradients():
     batch_index = torch.tensor([0, 1, 1])
     pyramid = build_roi_pyramid(boxes)
     feature = torch.randn(2, 4, 32, 32, requires_grad=True)  # stride 2
-    groups = group_rois(pyramid, size_ratio=1.1)
+    groups = group_rois(pyramid, min_split_saving=0)
     assert len(groups) == 3
     grouped = crop_roi_groups(feature, batch_index, pyramid, 1, groups)
     single, _ = crop_rois(feature, batch_index, pyramid, 1, pyramid.level_hw[:, 1].amax(0))
@@ -406,30 +406,60 @@ def test_zero_padded_conv_is_exact_inside_the_valid_region():
 # ----------------------------------------------------------------------------- grouping
 
 
-def test_group_rois_bounds_padding_and_partitions_the_rois():
+def test_group_rois_partitions_the_rois_and_cuts_while_it_saves_padding():
     torch.manual_seed(5)
     xy = torch.rand(200, 2) * 400
     wh = torch.rand(200, 2) ** 2 * 90 + 0.5
     pyramid = build_roi_pyramid(torch.cat((xy, xy + wh), dim=1))
-    groups = group_rois(pyramid, size_ratio=1.25, min_bucket_size=8)
-    members = torch.cat([g.indices for g in groups])
     kept = torch.nonzero(pyramid.num_levels > 0).squeeze(1)
-    assert sorted(members.tolist()) == kept.tolist() and len(kept) < 200
-    for group in groups:
-        levels = pyramid.num_levels[group.indices]
-        assert (levels == group.num_levels).all()
-        hw = pyramid.level_hw[group.indices]
-        for level, pad in enumerate(group.pad_hw):
-            assert list(pad) == hw[:, level].amax(0).tolist()
-        # each side is padded by less than the ratio, or lies in the smallest bucket
-        own = hw[:, 0].double()
-        pad0 = torch.tensor(group.pad_hw[0], dtype=torch.float64)
-        assert ((pad0 < 1.25 * own) | (pad0 < 8 * 1.25)).all()
+    assert len(kept) < 200
+
+    def padded_area(indices):
+        return len(indices) * int(pyramid.level_hw[indices, 0].amax(0).prod())
+
+    for min_saving in (0, 1000, 10**9):
+        groups = group_rois(pyramid, min_split_saving=min_saving)
+        members = torch.cat([g.indices for g in groups])
+        assert sorted(members.tolist()) == kept.tolist()
+        for group in groups:
+            assert group.indices.tolist() == sorted(group.indices.tolist())
+            levels = pyramid.num_levels[group.indices]
+            assert (levels == group.num_levels).all()
+            hw = pyramid.level_hw[group.indices]
+            for level, pad in enumerate(group.pad_hw):
+                assert list(pad) == hw[:, level].amax(0).tolist()
+            # no cut between consecutive ROIs by height or by width saves more than min_saving
+            for axis in (0, 1):
+                order = group.indices[torch.sort(hw[:, 0, axis], stable=True).indices]
+                for cut in range(1, len(order)):
+                    saving = padded_area(order) - padded_area(order[:cut])
+                    saving -= padded_area(order[cut:])
+                    assert saving <= min_saving
+        if min_saving == 10**9:  # never cut: one group per number of levels
+            assert len(groups) == len(pyramid.num_levels[kept].unique())
+    # the default cuts into fewer groups than cutting at any saving, padding more
+    cut_all, default = group_rois(pyramid, min_split_saving=0), group_rois(pyramid)
+    assert len(default) < len(cut_all)
+    assert sum(padded_area(g.indices) for g in default) > sum(
+        padded_area(g.indices) for g in cut_all
+    )
+
     limited = group_rois(pyramid, max_group_pixels=4000)
     assert sorted(torch.cat([g.indices for g in limited]).tolist()) == kept.tolist()
     for group in limited:
         pad_area = group.pad_hw[0][0] * group.pad_hw[0][1]
         assert len(group.indices) == 1 or len(group.indices) * pad_area <= 4000
+
+
+def test_group_rois_separates_two_sizes_and_keeps_near_sizes_together():
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 36.0]] * 5 + [[0.0, 0.0, 60.0, 50.0]] * 3)
+    near = torch.tensor([[0.0, 0.0, 41.0, 36.0]] * 2)  # one pixel wider: cutting saves 195 px
+    pyramid = build_roi_pyramid(torch.cat((boxes, near)))
+    assert (pyramid.num_levels == 5).all()
+    groups = group_rois(pyramid)
+    assert [g.indices.tolist() for g in groups] == [[0, 1, 2, 3, 4, 8, 9], [5, 6, 7]]
+    assert groups[0].pad_hw[0] == (39, 45) and groups[1].pad_hw[0] == (55, 66)
+    assert len(group_rois(pyramid, min_split_saving=0)) == 3
 
 
 def test_group_rois_without_kept_rois():

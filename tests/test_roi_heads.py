@@ -16,8 +16,8 @@ CHANNELS = {"stem": 6, "dec4": 5, "dec8": 7, "dec16": 8}
 STRIDES = {"stem": 2, "dec4": 4, "dec8": 8, "dec16": 16}
 IMAGE_SIZES = [(96, 128), (80, 112)]
 
-# (image, XYXY box, levels): 1..5 levels, shapes of very different aspect, pairs that share a
-# size bucket with different sizes (so groups are padded), a box leaving the image, a skipped box.
+# (image, XYXY box, levels): 1..5 levels, shapes of very different aspect, ROIs of different
+# sizes that share a group (so groups are padded), a box leaving the image, a skipped box.
 ROIS = [
     (0, (10.0, 12.0, 13.0, 15.0), 1),
     (1, (40.2, 7.5, 43.0, 10.1), 1),
