@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
+from helpers import objguided_cfg
 
 from objguided_d2.modeling import roi_heads as roi_heads_module
 from objguided_d2.modeling.roi_geometry import crop_masks, crop_rois
@@ -146,6 +148,25 @@ def test_batched_forward_equals_one_roi_at_a_time(s_module_path):
     assert sorted(batched) == sorted(reference) == kept
     for index in kept:
         torch.testing.assert_close(batched[index], reference[index], atol=1e-5, rtol=1e-5)
+
+
+def test_group_setting_from_the_config_changes_the_batches_not_the_logits():
+    cfg = objguided_cfg(compact=True, opts=["MODEL.OBJGUIDED.ROI_GROUP_MIN_SAVING", 0])
+    shapes = {f: ShapeSpec(channels=c, stride=STRIDES[f]) for f, c in CHANNELS.items()}
+    assert ObjGuidedROIHeads.from_config(cfg, shapes)["group_min_saving"] == 0
+    torch.manual_seed(0)
+    heads = make_heads().eval()
+    images, features = make_inputs()
+    logits = {}
+    with torch.no_grad():
+        for min_saving in (0, 10**9):
+            heads.group_min_saving = min_saving
+            logits[min_saving], groups, pyramid = per_roi_logits(heads, images, features, True)
+            # 0: cut while any padding is saved; 10**9: one group per number of levels
+            levels = pyramid.num_levels[pyramid.num_levels > 0].unique()
+            assert (len(groups) > len(levels)) == (min_saving == 0)
+    for index, reference in logits[10**9].items():
+        torch.testing.assert_close(logits[0][index], reference, atol=1e-5, rtol=1e-5)
 
 
 def test_one_roi_reference_is_the_plain_module_computation(s_module_path):

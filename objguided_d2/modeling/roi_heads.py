@@ -111,6 +111,7 @@ class ObjGuidedROIHeads(nn.Module):
         refine_point_density: int = 8,
         refine_loss_weight: float = 1.0,
         batch_rois: bool = True,
+        group_min_saving: int = 1000,
         max_group_pixels: int = 1 << 20,
     ):
         """
@@ -135,6 +136,8 @@ class ObjGuidedROIHeads(nn.Module):
             refine_oversample_ratio, refine_importance_ratio, refine_point_density: k, beta, D.
             refine_loss_weight: weight of the point-head BCE.
             batch_rois: run ROIs in padded groups; False runs them one at a time (the reference).
+            group_min_saving: padded level-0 pixels a cut of a group must save
+                (:func:`.roi_geometry.group_rois`).
             max_group_pixels: bound on G * H0 * W0 of a group (memory of its level-0 maps).
         """
         super().__init__()
@@ -160,6 +163,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.refine_point_density = refine_point_density
         self.refine_loss_weight = refine_loss_weight
         self.batch_rois = batch_rois
+        self.group_min_saving = group_min_saving
         self.max_group_pixels = max_group_pixels
         self._inference_weight_taps: dict[nn.Conv2d, tuple[tuple, torch.Tensor]] = {}
 
@@ -206,6 +210,7 @@ class ObjGuidedROIHeads(nn.Module):
             "refine_importance_ratio": og.REFINE.IMPORTANCE_RATIO,
             "refine_point_density": og.REFINE.POINT_DENSITY,
             "refine_loss_weight": og.REFINE.LOSS_WEIGHT,
+            "group_min_saving": og.ROI_GROUP_MIN_SAVING,
         }
 
     def forward(
@@ -247,7 +252,7 @@ class ObjGuidedROIHeads(nn.Module):
         """The batches ROIs run in (skipped ROIs belong to none)."""
         if not self.batch_rois:
             return one_roi_groups(pyramid)
-        return group_rois(pyramid, max_group_pixels=self.max_group_pixels)
+        return group_rois(pyramid, self.group_min_saving, self.max_group_pixels)
 
     def segment(
         self,
