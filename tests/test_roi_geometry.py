@@ -143,7 +143,7 @@ def test_crop_groups_equal_single_batch_crops_and_gradients():
     batch_index = torch.tensor([0, 1, 1])
     pyramid = build_roi_pyramid(boxes)
     feature = torch.randn(2, 4, 32, 32, requires_grad=True)  # stride 2
-    groups = group_rois(pyramid, min_split_saving=0)
+    groups = group_rois(pyramid, min_saving=0)
     assert len(groups) == 3
     grouped = crop_roi_groups(feature, batch_index, pyramid, 1, groups)
     single, _ = crop_rois(feature, batch_index, pyramid, 1, pyramid.level_hw[:, 1].amax(0))
@@ -418,7 +418,7 @@ def test_group_rois_partitions_the_rois_and_cuts_while_it_saves_padding():
         return len(indices) * int(pyramid.level_hw[indices, 0].amax(0).prod())
 
     for min_saving in (0, 1000, 10**9):
-        groups = group_rois(pyramid, min_split_saving=min_saving)
+        groups = group_rois(pyramid, min_saving=min_saving)
         members = torch.cat([g.indices for g in groups])
         assert sorted(members.tolist()) == kept.tolist()
         for group in groups:
@@ -438,7 +438,7 @@ def test_group_rois_partitions_the_rois_and_cuts_while_it_saves_padding():
         if min_saving == 10**9:  # never cut: one group per number of levels
             assert len(groups) == len(pyramid.num_levels[kept].unique())
     # the default cuts into fewer groups than cutting at any saving, padding more
-    cut_all, default = group_rois(pyramid, min_split_saving=0), group_rois(pyramid)
+    cut_all, default = group_rois(pyramid, min_saving=0), group_rois(pyramid)
     assert len(default) < len(cut_all)
     assert sum(padded_area(g.indices) for g in default) > sum(
         padded_area(g.indices) for g in cut_all
@@ -459,7 +459,7 @@ def test_group_rois_separates_two_sizes_and_keeps_near_sizes_together():
     groups = group_rois(pyramid)
     assert [g.indices.tolist() for g in groups] == [[0, 1, 2, 3, 4, 8, 9], [5, 6, 7]]
     assert groups[0].pad_hw[0] == (39, 45) and groups[1].pad_hw[0] == (55, 66)
-    assert len(group_rois(pyramid, min_split_saving=0)) == 3
+    assert len(group_rois(pyramid, min_saving=0)) == 3
 
 
 def test_group_rois_without_kept_rois():

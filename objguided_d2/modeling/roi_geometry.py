@@ -213,9 +213,9 @@ def _cut_while_padding_shrinks(sides: np.ndarray, min_saving: int) -> list[np.nd
     groups, pending = [], [np.arange(sides.shape[0])]
     while pending:
         members = pending.pop()
-        padded = len(members) * int(sides[members].max(axis=0).prod())
         if len(members) > 1:
             area, first, second = _cheapest_cut(sides[members])
+            padded = len(members) * int(sides[members].max(axis=0).prod())
             if padded - area > min_saving:
                 pending += [members[second], members[first]]  # the smaller sides come out first
                 continue
@@ -224,19 +224,19 @@ def _cut_while_padding_shrinks(sides: np.ndarray, min_saving: int) -> list[np.nd
 
 
 def group_rois(
-    pyramid: RoiPyramid, min_split_saving: int = 1000, max_group_pixels: int | None = None
+    pyramid: RoiPyramid, min_saving: int = 1000, max_group_pixels: int | None = None
 ) -> list[RoiGroup]:
     """Split the ROIs into batches that pad little.
 
     ROIs of one group have the same number of levels. Starting from one group per number of
     levels, a group is cut in two between consecutive ROIs in the order of their level-0 heights
     or widths (wherever the two halves pad least) as long as the cut saves more than
-    ``min_split_saving`` padded level-0 pixels: every group costs the same few hundred small
+    ``min_saving`` padded level-0 pixels: every group costs the same few hundred small
     operations, on a CPU about what the mask branch spends on a thousand level-0 pixels.
 
     Args:
         pyramid: R ROIs; skipped ROIs (no level) belong to no group.
-        min_split_saving: padded level-0 pixels a cut must save (0: cut while it saves any).
+        min_saving: padded level-0 pixels a cut must save (0: cut while it saves any).
         max_group_pixels: if given, groups are split into consecutive chunks so that
             G * Hp * Wp at level 0 stays within it (a group always keeps at least one ROI).
 
@@ -250,8 +250,7 @@ def group_rois(
     for levels in np.unique(num_levels):
         subset = np.flatnonzero(num_levels == levels)
         members += [
-            subset[group]
-            for group in _cut_while_padding_shrinks(level_hw[subset, 0], min_split_saving)
+            subset[group] for group in _cut_while_padding_shrinks(level_hw[subset, 0], min_saving)
         ]
     if max_group_pixels is not None:
         limits = [
