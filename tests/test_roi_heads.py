@@ -431,6 +431,28 @@ def test_inference_without_proposals():
     assert results[1].pred_masks.shape == (0, 30, 40)
 
 
+def test_inference_without_autograd_returns_ordinary_tensors_equal_to_a_recorded_run():
+    """Without autograd the branch runs in inference mode; what it returns are still ordinary
+    tensors (callers may edit them in place) and equal what it gives with autograd on."""
+    torch.manual_seed(0)
+    heads = make_heads().eval()
+    images, features = make_inputs()
+    with torch.no_grad():
+        results, _ = heads(images, features, proposals_of_rois())
+    recorded, _ = heads(images, features, proposals_of_rois())
+    for fast, slow in zip(results, recorded):
+        assert len(fast) > 0
+        fields = [(fast.pred_boxes.tensor, slow.pred_boxes.tensor)] + [
+            (fast.get(name), slow.get(name)) for name in ("scores", "pred_classes", "pred_masks")
+        ]
+        for value, expected in fields:
+            assert not value.is_inference()
+            assert torch.equal(value, expected)
+        fast.pred_boxes.scale(2.0, 2.0)
+        fast.pred_masks[:, 0, 0] = True
+        fast.scores.clamp_(max=0.5)
+
+
 def test_channels_follow_the_feature_maps():
     heads = make_heads(image_conv_channels=4)
     # S_i keeps level i's channels: levels are 4 (image conv), 6, 5, 7, 8.

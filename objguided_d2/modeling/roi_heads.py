@@ -488,6 +488,37 @@ class ObjGuidedROIHeads(nn.Module):
         boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
         scores = torch.cat([p.objectness_logits.sigmoid() for p in proposals])
         classes = torch.cat([p.pred_classes for p in proposals])
+        # With autograd off, inference mode skips the view and version tracking of each of the
+        # branch's thousands of small operations. Its tensors stay inside: the returned fields
+        # are ordinary tensors, which callers may modify in place.
+        with torch.inference_mode(not torch.is_grad_enabled()):
+            kept_masks = self._kept_masks(images, features, proposals, boxes, scores, output_sizes)
+        results = []
+        for input_hw, output_hw, (kept, windows, keep) in zip(
+            images.image_sizes, output_sizes, kept_masks
+        ):
+            scale = boxes.new_tensor(
+                [output_hw[1] / input_hw[1], output_hw[0] / input_hw[0]]
+            ).repeat(2)
+            instances = Instances(tuple(output_hw))
+            instances.pred_boxes = Boxes(boxes[kept] * scale)
+            instances.scores = scores[kept]
+            instances.pred_classes = classes[kept]
+            instances.pred_masks = windows.to_masks(keep)
+            results.append(instances)
+        return results
+
+    def _kept_masks(
+        self,
+        images: ImageList,
+        features: dict[str, torch.Tensor],
+        proposals: list[Instances],
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        output_sizes: Sequence[tuple[int, int]],
+    ) -> list[tuple[torch.Tensor, MaskWindows, torch.Tensor]]:
+        """Per image: the kept ROIs ((K,) int64 indices into ``boxes``), the pasted masks'
+        windows of all its ROIs and which of them are kept ((K,) int64)."""
         batch_index = torch.cat(
             [
                 torch.full((len(p),), i, dtype=torch.long, device=boxes.device)
@@ -498,7 +529,7 @@ class ObjGuidedROIHeads(nn.Module):
         groups = self.group(pyramid)
         outputs = self.segment(images, features, batch_index, pyramid, groups)
 
-        results = []
+        kept_masks = []
         for image_index, (input_hw, output_hw) in enumerate(zip(images.image_sizes, output_sizes)):
             order, windows = [], []  # this image's ROIs and their masks' windows, group by group
             for group, out in zip(groups, outputs):
@@ -521,17 +552,8 @@ class ObjGuidedROIHeads(nn.Module):
             order, windows = torch.cat(order), MaskWindows.cat(windows)
             keep = mask_nms(windows, scores[order], self.mask_nms_thresh)
             keep = keep[: self.detections_per_image]
-            kept = order[keep]
-            scale = boxes.new_tensor(
-                [output_hw[1] / input_hw[1], output_hw[0] / input_hw[0]]
-            ).repeat(2)
-            instances = Instances(tuple(output_hw))
-            instances.pred_boxes = Boxes(boxes[kept] * scale)
-            instances.scores = scores[kept]
-            instances.pred_classes = classes[kept]
-            instances.pred_masks = windows.to_masks(keep)
-            results.append(instances)
-        return results
+            kept_masks.append((order[keep], windows, keep))
+        return kept_masks
 
 
 def _mean(values: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
