@@ -1,8 +1,11 @@
-"""Tensor operations (which noise does not move) and page faults of ObjGuided's per-instance part.
+"""Tensor operations (which timing noise does not move) and page faults of ObjGuided's
+per-instance part.
 
 Runs the default config's dense forward on the benchmark's synthetic 512 x 512 scene of N objects,
 warms the per-instance part up once, then counts the tensor operations (a ``TorchDispatchMode``)
 and the minor page faults (``ru_minflt``) of one more per-instance inference. Prints one line per N.
+Each run builds the untrained model afresh, and its masks decide part of the work of paste-back
+and mask NMS, so the counts move by a few percent between runs.
 
     .venv/bin/python benchmarks/count_ops.py --counts 100 300
 """
