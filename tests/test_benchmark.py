@@ -60,6 +60,7 @@ def report(tmp_path_factory):
     return report, markdown, process.stdout.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_every_architecture_segments_exactly_the_n_boxes(report):
     report, _, _ = report
     assert list(report["inference"]) == LABELS
@@ -77,6 +78,7 @@ def test_every_architecture_segments_exactly_the_n_boxes(report):
         assert 0 < entry["per_instance_share"] < 1
 
 
+@pytest.mark.slow
 def test_report_holds_training_model_size_and_targets(report):
     report, markdown, stdout = report
     assert report["environment"]["torch_threads"] == 1
@@ -101,6 +103,7 @@ def test_report_holds_training_model_size_and_targets(report):
     assert "## Inference" in markdown and report["ratio_line"] in markdown
 
 
+@pytest.mark.slow
 def test_memory_probe_reports_the_peak_of_one_inference():
     process = run_benchmark("--memory-probe", "mask_rcnn", f"synthetic_n{NUM_OBJECTS}", *TINY)
     probe = json.loads(process.stdout.strip().splitlines()[-1])
