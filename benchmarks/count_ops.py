@@ -1,7 +1,7 @@
 """Tensor operations (which timing noise does not move) and page faults of ObjGuided's
 per-instance part.
 
-Runs the default config's dense forward on the benchmark's synthetic 512 x 512 scene of N objects,
+Runs the default config's dense forward on the CPU on the benchmark's 512 x 512 scene of N objects,
 warms the per-instance part up once, then counts the tensor operations (a ``TorchDispatchMode``)
 and the minor page faults (``ru_minflt``) of one more per-instance inference. Prints one line per N.
 Each run builds the untrained model afresh, and its masks decide part of the work of paste-back
@@ -12,24 +12,14 @@ and mask NMS, so the counts move by a few percent between runs.
 
 import argparse
 import resource
-import sys
-from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import benchmark  # noqa: E402
+from objguided_d2.benchmark.flops import OpRecorder
+from objguided_d2.benchmark.inputs import synthetic_sample
+from objguided_d2.benchmark.runners import OBJGUIDED_CONFIGS, build_runner
 
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+SIZE = 512  # the benchmark's default input
 
 
 def main() -> None:
@@ -37,23 +27,20 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 300])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    options = benchmark.parse_args(
-        ["--objguided-configs", "default", "--mask-rcnn-config", "none"]
-        + ["--pointrend-config", "none", "--dataset", "none", "--threads", "1"]
-    )
-    label, config = benchmark.runner_specs(options)[0]
-    runner = benchmark.build_runner(options, label, config)
+    runner = build_runner("objguided[default]", OBJGUIDED_CONFIGS["default"], "cpu", SIZE)
+    channels = len(runner.cfg.MODEL.PIXEL_MEAN)
     for count in args.counts:
-        sample = benchmark.synthetic_sample(count, options.size, 0, 3)
+        sample = synthetic_sample(count, SIZE, 0, channels)
         with torch.no_grad():
             state = runner.dense(sample.inputs)
             runner.instances(state, sample.inputs, sample.boxes)
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             runner.instances(state, sample.inputs, sample.boxes)
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            with OpCounter() as counter:
+            with OpRecorder() as recorder:
                 runner.instances(state, sample.inputs, sample.boxes)
-        print(f"N = {count}: {counter.count} tensor operations, {faults} minor page faults")
+        operations = sum(recorder.names.values())
+        print(f"N = {count}: {operations} tensor operations, {faults} minor page faults")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import load_tool
 from torch.utils.flop_counter import FlopCounterMode
 
+from objguided_d2.benchmark.flops import EXTRA_FLOP_FORMULAS
 from objguided_d2.modeling.roi_geometry import conv1x1_concat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,6 @@ def test_memory_probe_reports_the_peak_of_one_inference():
 
 
 def test_gmac_count_of_the_concatenation_free_1x1_conv_equals_the_convs():
-    benchmark = load_tool("benchmark")
     skip, up = torch.randn(2, 5, 6, 7), torch.randn(2, 3, 6, 7)
     weight, bias = torch.randn(4, 8, 1, 1), torch.randn(4)
     counts = []
@@ -119,7 +118,7 @@ def test_gmac_count_of_the_concatenation_free_1x1_conv_equals_the_convs():
         lambda: conv1x1_concat([skip, up], weight, bias),
         lambda: F.conv2d(torch.cat([skip, up], dim=1), weight, bias),
     ):
-        with FlopCounterMode(display=False, custom_mapping=benchmark._EXTRA_FLOP_FORMULAS) as c:
+        with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as c:
             run()
         counts.append(c.get_total_flops())
     assert counts[0] == counts[1] == 2 * 2 * 6 * 7 * 8 * 4
