@@ -79,7 +79,7 @@ def test_every_architecture_segments_exactly_the_n_boxes(report):
 
 
 @pytest.mark.slow
-def test_report_holds_training_model_size_and_targets(report):
+def test_report_holds_training_and_model_size_and_no_targets(report):
     report, markdown, stdout = report
     assert report["environment"]["torch_threads"] == 1
     assert [s["name"] for s in report["inputs"]] == [f"synthetic_n{NUM_OBJECTS}"]
@@ -94,7 +94,8 @@ def test_report_holds_training_model_size_and_targets(report):
     assert default["mask_branch_s_per_iter"] == pytest.approx(
         default["s_per_iter"] - default["dense_only_s_per_iter"]
     )
-    assert {check["target"].split(":")[0] for check in report["targets"]} >= {LABELS[0]}
+    # measured numbers only: no pass/fail targets
+    assert "targets" not in report and "target" not in markdown.lower()
     ratio = (
         report["inference"][LABELS[0]][f"synthetic_n{NUM_OBJECTS}"]["ms_per_image"]
         / (report["inference"]["pointrend"][f"synthetic_n{NUM_OBJECTS}"]["ms_per_image"])

@@ -1,5 +1,5 @@
 """The benchmark's report: the environment of a run, the ratio line that ends it, and the JSON
-report written with its markdown rendering."""
+report written with its markdown rendering. The report states measured numbers only."""
 
 from __future__ import annotations
 
@@ -50,64 +50,6 @@ def _fmt(value, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}"
-
-
-def target_checks(report: dict) -> list[dict]:
-    """The issue's targets, evaluated on this run's numbers where it has them."""
-    inference, checks = report["inference"], []
-    objguided = [label for label in report["configs"] if label.startswith("objguided")]
-    synthetic = [s["name"] for s in report["inputs"] if s["name"].startswith("synthetic")]
-    if not objguided:
-        return checks
-    default = objguided[0]
-    for name, limit in zip(synthetic if inference else [], (0.15, 0.30)):
-        share = inference[default][name]["per_instance_share"]
-        checks.append(
-            {
-                "target": f"{default}: per-instance part <= {limit:.0%} of inference ({name})",
-                "value": f"{share:.1%}",
-                "met": share <= limit,
-            }
-        )
-    if synthetic and "pointrend" in inference:
-        first = synthetic[0]
-        ratio = (
-            inference[default][first]["ms_per_image"]
-            / inference["pointrend"][first]["ms_per_image"]
-        )
-        macs = report.get("model_size", {})
-        if default in macs and "pointrend" in macs:
-            mac_ratio = macs[default]["total_gmac"] / macs["pointrend"]["total_gmac"]
-            checks.append(
-                {
-                    "target": f"{default}/pointrend time ratio <= GMAC ratio ({first})",
-                    "value": f"{ratio:.2f} vs {mac_ratio:.2f}",
-                    "met": ratio <= mac_ratio,
-                }
-            )
-        for label in objguided[1:]:
-            fast = (
-                inference[label][first]["ms_per_image"]
-                / inference["pointrend"][first]["ms_per_image"]
-            )
-            checks.append(
-                {
-                    "target": f"{label} time <= 0.8 x pointrend's ({first})",
-                    "value": f"{fast:.2f} x",
-                    "met": fast <= 0.8,
-                }
-            )
-    training = report.get("training", {})
-    if default in training:
-        share = training[default]["mask_branch_share"]
-        checks.append(
-            {
-                "target": f"{default} training: mask branch + refinement <= 25% of an iteration",
-                "value": f"{share:.1%}",
-                "met": share <= 0.25,
-            }
-        )
-    return checks
 
 
 def _dense_summary(modules: dict[str, float]) -> dict[str, float]:
@@ -213,12 +155,6 @@ def markdown(report: dict) -> str:
     ):
         if report.get(key):
             lines += ["", *table(report)]
-    if report["targets"]:
-        lines += ["", "## Targets", "", "| target | value | met |", "|---|---|---|"]
-        for check in report["targets"]:
-            lines.append(
-                f"| {check['target']} | {check['value']} | {'yes' if check['met'] else 'no'} |"
-            )
     lines += ["", report["ratio_line"], ""]
     return "\n".join(lines)
 
