@@ -1,5 +1,6 @@
-"""tools/benchmark.py end to end on a tiny setting: its report's structure, and the equal-N
-protocol giving every architecture exactly the N boxes of the scene."""
+"""The benchmark: its MAC counter on plain PyTorch code against hand counts, its ratio line, and
+tools/benchmark.py end to end on a tiny setting (the report's structure, and the equal-N protocol
+giving every architecture exactly the N boxes of the scene)."""
 
 import json
 import os
@@ -10,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from objguided_d2.benchmark.flops import EXTRA_FLOP_FORMULAS
-from objguided_d2.modeling.roi_geometry import conv1x1_concat
+from objguided_d2.benchmark.flops import EXTRA_FLOP_FORMULAS, count_macs
+from objguided_d2.benchmark.inputs import Sample
+from objguided_d2.benchmark.report import ratio_line
 
 REPO = Path(__file__).resolve().parents[1]
 COMPACT = "configs/compact/synthetic_neural_{}.yaml"
@@ -36,6 +40,64 @@ TINY = [
     "--train-instances", str(NUM_OBJECTS),
     "--threads", "1",
 ]  # fmt: skip
+
+
+class GatherRunner:
+    """A runner of plain PyTorch code: a 3 x 3 conv, 1 -> 8 channels, as the dense part; 16
+    bilinear samples per box (4 taps each, an embedding-bag sum over the conv's pixels) as the
+    per-instance part."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+
+    def dense(self, inputs):
+        return self.conv(inputs["image"][None].float())  # (1, 8, H, W)
+
+    def instances(self, features, inputs, boxes):
+        pixels = features[0].flatten(1).T  # (H * W, 8)
+        taps = torch.randint(len(pixels), (len(boxes) * 16, 4))
+        weights = torch.rand(taps.shape)
+        return F.embedding_bag(taps, pixels, per_sample_weights=weights, mode="sum")
+
+
+def test_mac_count_of_a_conv_and_a_gather_is_the_hand_count():
+    image = torch.zeros(1, 6, 7, dtype=torch.uint8)
+    sample = Sample({"image": image, "height": 6, "width": 7}, boxes=torch.zeros(3, 4))
+    macs = count_macs(GatherRunner(), sample)
+    conv = 6 * 7 * 8 * (1 * 3 * 3)  # output pixels x output channels x (input channels x taps)
+    gather = 3 * 16 * 4 * 8  # boxes x samples x taps x channels
+    assert macs["dense_gmac"] == pytest.approx(conv / 1e9)
+    assert macs["per_instance_gmac"] == pytest.approx(gather / 1e9)
+    assert macs["total_gmac"] == pytest.approx((conv + gather) / 1e9)
+    assert macs["boxes"] == 3 and macs["not_counted_ops"] == {}
+
+
+def test_roi_align_macs_follow_the_adaptive_sampling_grid():
+    image = torch.randn(1, 5, 10, 10)
+    boxes = torch.tensor([[0, 1.0, 1, 7, 7], [0, 2, 2, 8, 5]])  # 6 x 6 and 6 wide x 3 high
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        torchvision.ops.roi_align(image, boxes, (3, 3), 1.0, sampling_ratio=0, aligned=True)
+    # ceil(side / 3 bins) samples per bin and axis: 2 x 2 and 2 x 1; 4 taps and 5 channels each.
+    samples = 9 * (2 * 2 + 2 * 1)
+    assert counter.get_total_flops() == 2 * samples * 4 * 5
+
+
+def test_ratio_line_is_the_first_config_over_pointrend_on_the_first_synthetic_input():
+    times = {"dsb2018_val": {"ms_per_image": 1.0}, "synthetic_n100": {"ms_per_image": 3.0}}
+    report = {
+        "configs": {"objguided[fast]": "", "objguided[default]": "", "pointrend": ""},
+        "inputs": [{"name": "dsb2018_val"}, {"name": "synthetic_n100"}],
+        "inference": {
+            "objguided[fast]": times,
+            "objguided[default]": {"synthetic_n100": {"ms_per_image": 9.0}},
+            "pointrend": {"synthetic_n100": {"ms_per_image": 4.0}},
+        },
+    }
+    assert ratio_line(report) == "ratio objguided/pointrend = 0.75"
+    del report["inference"]["pointrend"]
+    assert ratio_line(report) == "ratio objguided/pointrend = nan"
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
@@ -109,17 +171,3 @@ def test_memory_probe_reports_the_peak_of_one_inference():
     process = run_benchmark("--memory-probe", "mask_rcnn", f"synthetic_n{NUM_OBJECTS}", *TINY)
     probe = json.loads(process.stdout.strip().splitlines()[-1])
     assert probe["process_peak_mb"] >= probe["peak_mb"] >= 0
-
-
-def test_gmac_count_of_the_concatenation_free_1x1_conv_equals_the_convs():
-    skip, up = torch.randn(2, 5, 6, 7), torch.randn(2, 3, 6, 7)
-    weight, bias = torch.randn(4, 8, 1, 1), torch.randn(4)
-    counts = []
-    for run in (
-        lambda: conv1x1_concat([skip, up], weight, bias),
-        lambda: F.conv2d(torch.cat([skip, up], dim=1), weight, bias),
-    ):
-        with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as c:
-            run()
-        counts.append(c.get_total_flops())
-    assert counts[0] == counts[1] == 2 * 2 * 6 * 7 * 8 * 4
