@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,9 +28,11 @@ class Sample:
 
 @dataclass
 class InputSet:
+    """Samples timed under one name (``synthetic_n100``, a dataset's name)."""
+
     name: str
     description: str
-    samples: list[Sample] = field(default_factory=list)
+    samples: list[Sample]
 
 
 def crowded_scene(num_objects: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

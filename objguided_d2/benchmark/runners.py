@@ -25,6 +25,7 @@ untrained masks.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -69,15 +70,19 @@ class Runner:
         self.device = self.model.device
 
     def dense(self, inputs: dict):
-        """Everything that does not depend on the N boxes; returns the state :meth:`instances`
-        continues from."""
+        """Everything that does not depend on the N boxes, for one test-mapper ``inputs`` dict
+        ("image" (C, H, W) uint8, original "height" and "width"); returns the state (the
+        preprocessed images and feature maps) :meth:`instances` continues from."""
         raise NotImplementedError
 
     def instances(self, state, inputs: dict, boxes: torch.Tensor) -> Instances:
-        """Masks of the given (N, 4) XYXY boxes at the original image size."""
+        """Masks of the given (N, 4) XYXY boxes (network-input pixels): ``Instances`` at the
+        original image size whose ``pred_masks`` are (M, height, width), M <= N."""
         raise NotImplementedError
 
     def dense_only_losses(self, batch: list[dict]) -> torch.Tensor:
+        """The scalar loss of a training step of the dense part alone (where
+        :attr:`has_dense_training`)."""
         raise NotImplementedError
 
     def dense_seconds_inside_instances(self) -> float:
@@ -223,7 +228,7 @@ def runner_specs(
     return specs
 
 
-def runner_config(config_file: str, device: str, size: int, opts: list = ()):
+def runner_config(config_file: str, device: str, size: int, opts: Sequence = ()):
     """The config of a benchmarked model: random weights, ``device``, trained and tested at
     ``size``, then ``opts`` (config KEY VALUE pairs)."""
     overrides = [
@@ -239,7 +244,9 @@ def runner_config(config_file: str, device: str, size: int, opts: list = ()):
     return load_config(str(REPO / config_file), overrides)
 
 
-def build_runner(label: str, config_file: str, device: str, size: int, opts: list = ()) -> Runner:
+def build_runner(
+    label: str, config_file: str, device: str, size: int, opts: Sequence = ()
+) -> Runner:
     """The runner of one model (:func:`runner_config`), in eval mode."""
     cfg = runner_config(config_file, device, size, opts)
     objguided = cfg.MODEL.META_ARCHITECTURE == "ObjGuidedSegmentor"
