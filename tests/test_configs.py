@@ -1,11 +1,10 @@
 """Shipped configs build their models, keep the three architectures on equal terms, and the engine's
 config helpers (optimizer, DDP wrapper, device fallback, results table) behave as documented."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from detectron2.modeling import build_model
+from helpers import ARCHITECTURES, CONFIG_DIR
 
 from objguided_d2.engine import (
     Trainer,
@@ -15,9 +14,7 @@ from objguided_d2.engine import (
     load_config,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
-ARCHITECTURES = {"objguided": "ObjGuided", "mask_rcnn": "Mask R-CNN", "pointrend": "PointRend"}
 PAPER_DATASETS = ("dsb2018", "plant", "neural")
 IMAGENET_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 

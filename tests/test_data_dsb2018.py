@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from detectron2.data.datasets import load_coco_json
+from helpers import REPO
 from PIL import Image
 
 from objguided_d2.data.convert import convert_dsb2018, read_split_list
 from objguided_d2.data.formats import annotations_to_label_image
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED_SPLITS = REPO / "datasets" / "splits" / "dsb2018"
 REAL_SOURCE = Path(
     os.environ.get("OBJGUIDED_DSB2018_SOURCE", REPO.parent / "shared" / "data" / "dsb2018")

@@ -17,7 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
-from helpers import load_tool
+from helpers import REPO, load_tool
 
 from objguided_d2.engine import load_config
 from objguided_d2.export import (
@@ -28,8 +28,6 @@ from objguided_d2.export import (
     instances_to_results,
     label_colors,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_instances(masks, scores, classes=None) -> Instances:
