@@ -1,10 +1,13 @@
-"""The stack the plugin runs on: detectron2, PointRend and torchvision's ops work on CPU."""
+"""The stack the plugin runs on (detectron2, PointRend and torchvision's ops work on CPU), the
+plugin's names registered on import, and the environment report."""
 
 import subprocess
 import sys
 
 import torch
 from torchvision.ops import nms, roi_align
+
+from objguided_d2.env import registered_names
 
 
 def test_torchvision_ops_run_on_cpu():
@@ -50,6 +53,14 @@ def test_detectron2_and_pointrend_build_on_cpu():
         image = torch.zeros(3, 64, 64, dtype=torch.uint8)
         out = model([{"image": image, "height": 64, "width": 64}])
     assert "instances" in out[0]
+
+
+def test_import_registers_the_plugin_names():
+    names = registered_names()
+    assert names["META_ARCH_REGISTRY"] == ["ObjGuidedSegmentor"]
+    assert names["BACKBONE_REGISTRY"] == ["build_objguided_resnet_backbone"]
+    assert names["PROPOSAL_GENERATOR_REGISTRY"] == ["CenterKeypointProposalGenerator"]
+    assert names["ROI_HEADS_REGISTRY"] == ["ObjGuidedROIHeads"]
 
 
 def test_environment_report_runs():
