@@ -307,7 +307,7 @@ def _evaluate_shard(output_dir):
     """Runs in each of two processes: evaluates the images of its rank, the main one writes."""
     from detectron2.utils import comm
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a process spawned by launch: the setting ends with it
     dicts, inputs, outputs = _scene()
     name = "objguided_test_eval_distributed"
     _register(name, dicts)
