@@ -95,6 +95,7 @@ def converted_real(tmp_path_factory):
     return output, convert_dsb2018(REAL_SOURCE, SHIPPED_SPLITS, output)
 
 
+@pytest.mark.slow
 def test_real_dsb2018_counts_equal_the_mask_files(converted_real):
     """397 train and 133 val images; every image has one instance per non-empty mask file."""
     output, report = converted_real

@@ -4,6 +4,7 @@ plugin's names registered on import, and the environment report."""
 import subprocess
 import sys
 
+import pytest
 import torch
 from torchvision.ops import nms, roi_align
 
@@ -21,6 +22,7 @@ def test_torchvision_ops_run_on_cpu():
     assert torch.allclose(pooled.flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
 
 
+@pytest.mark.slow
 def test_detectron2_and_pointrend_build_on_cpu():
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -63,6 +65,7 @@ def test_import_registers_the_plugin_names():
     assert names["ROI_HEADS_REGISTRY"] == ["ObjGuidedROIHeads"]
 
 
+@pytest.mark.slow
 def test_environment_report_runs():
     result = subprocess.run(
         [sys.executable, "-m", "objguided_d2.env"], capture_output=True, text=True, check=True

@@ -336,6 +336,7 @@ def _process_group_threads() -> list[str]:
     return [name for name in names if "gloo" in name or "tcpstore" in name]
 
 
+@pytest.mark.slow
 def test_predictions_are_gathered_from_every_process(tmp_path):
     launch(_evaluate_shard, 2, dist_url="auto", args=(str(tmp_path),))
     with open(os.path.join(tmp_path, "paper_metrics.json")) as f:

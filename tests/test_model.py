@@ -243,6 +243,7 @@ def mask_ap50(scenes, outputs) -> float:
     return float(evaluation.stats[1])
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("single_thread")
 def test_overfits_two_images_to_mask_ap50_of_at_least_0_9():
     """From scratch on CPU, batch 2 (both images), Adam: the whole model (detector + mask

@@ -250,6 +250,7 @@ def test_collect_images_and_output_names(tmp_path):
         predict.collect_images([str(tmp_path / "missing*.png")])
 
 
+@pytest.mark.slow
 def test_predict_script_round_trips_a_real_architecture(tmp_path):
     """Mask R-CNN (random weights, every detection kept) through the script as users run it."""
     opts = ["INPUT.IMAGE_SIZE", "128", "TEST.DETECTIONS_PER_IMAGE", "15"]

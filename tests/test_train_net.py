@@ -41,6 +41,8 @@ EXTRA = {
 }  # fmt: skip
 EVALUATION = Path("inference/synthetic_neural_val/evaluation.json")
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def datasets_root(tmp_path_factory):
