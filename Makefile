@@ -1,7 +1,7 @@
 # `make demo` and `make test` set everything up on a fresh machine (see README).
 PYTHON_VENV := .venv/bin/python
 
-.PHONY: setup test lint demo env clean
+.PHONY: setup test test-fast lint demo env clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -11,6 +11,11 @@ lint: setup
 
 test: lint
 	$(PYTHON_VENV) -m pytest tests
+
+# The unit tests alone: without the end-to-end tests that train, evaluate, predict or benchmark
+# real models or launch processes (marked slow). `make test`, what CI runs, runs them all.
+test-fast: setup
+	$(PYTHON_VENV) -m pytest tests -m "not slow"
 
 env: setup
 	$(PYTHON_VENV) -m objguided_d2.env

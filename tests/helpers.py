@@ -1,4 +1,5 @@
-"""Shared test fixtures: model configs built in code and small synthetic instance images."""
+"""Shared test helpers: the repository's paths, model configs built in code, tools/ scripts as
+modules and small synthetic instance images."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from detectron2.structures import BitMasks, Instances
 from objguided_d2 import add_objguided_config
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+# The three architectures of the project: config-name part -> name in reports.
+ARCHITECTURES = {"objguided": "ObjGuided", "mask_rcnn": "Mask R-CNN", "pointrend": "PointRend"}
 
 
 def load_tool(name: str) -> ModuleType:

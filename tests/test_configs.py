@@ -1,12 +1,18 @@
-"""Shipped configs build their models, keep the three architectures on equal terms, and the engine's
-config helpers (optimizer, DDP wrapper, device fallback, results table) behave as documented."""
+"""The plugin's config keys (added once, each default commented), shipped configs (inherit only from
+configs inside the repository, build their models, keep the three architectures on equal terms),
+and the engine's config helpers (optimizer, DDP wrapper, device fallback, results table)."""
 
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from helpers import ARCHITECTURES, CONFIG_DIR
 
+import objguided_d2.config
+from objguided_d2 import add_objguided_config
 from objguided_d2.engine import (
     Trainer,
     architecture_name,
@@ -15,15 +21,40 @@ from objguided_d2.engine import (
     load_config,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
-ARCHITECTURES = {"objguided": "ObjGuided", "mask_rcnn": "Mask R-CNN", "pointrend": "PointRend"}
 PAPER_DATASETS = ("dsb2018", "plant", "neural")
 IMAGENET_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 
 
 def _config(name: str, *opts: str):
     return load_config(str(CONFIG_DIR / name), ["MODEL.DEVICE", "cpu", *opts])
+
+
+def test_add_objguided_config_adds_the_objguided_node_and_is_idempotent():
+    once, twice = get_cfg(), get_cfg()
+    before = set(once.MODEL.keys())
+    add_objguided_config(once)
+    add_objguided_config(twice)
+    add_objguided_config(twice)
+    assert "OBJGUIDED" in set(once.MODEL.keys()) - before
+    assert once.MODEL.OBJGUIDED.REFINE.OVERSAMPLE_RATIO == 3.0
+    assert twice == once
+
+
+def test_every_config_default_has_a_comment():
+    """Each key set in config.py carries a comment, on its line or on the line above."""
+    lines = Path(objguided_d2.config.__file__).read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("_C.") and "CN()" not in line:
+            assert "#" in line or lines[i - 1].strip().startswith("#"), line
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_config_base_stays_inside_the_repo(path):
+    base = yaml.safe_load(path.read_text()).get("_BASE_")
+    if base is not None:
+        resolved = (path.parent / base).resolve()
+        assert resolved.is_file() and CONFIG_DIR in resolved.parents, f"{path}: _BASE_ {base}"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from helpers import REPO
 from PIL import Image
 
 from objguided_d2.data import (
@@ -18,7 +19,6 @@ from objguided_d2.data import (
 )
 from objguided_d2.data.formats import label_image_to_annotations
 
-REPO = Path(__file__).resolve().parents[1]
 STANDARD_NAMES = [
     *(f"{d}_{s}" for d in ("dsb2018", "plant", "neural") for s in ("train", "val", "test")),
     "synthetic_neural_train",

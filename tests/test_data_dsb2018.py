@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from detectron2.data.datasets import load_coco_json
+from helpers import REPO
 from PIL import Image
 
 from objguided_d2.data.convert import convert_dsb2018, read_split_list
 from objguided_d2.data.formats import annotations_to_label_image
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED_SPLITS = REPO / "datasets" / "splits" / "dsb2018"
 REAL_SOURCE = Path(
     os.environ.get("OBJGUIDED_DSB2018_SOURCE", REPO.parent / "shared" / "data" / "dsb2018")
@@ -95,6 +95,7 @@ def converted_real(tmp_path_factory):
     return output, convert_dsb2018(REAL_SOURCE, SHIPPED_SPLITS, output)
 
 
+@pytest.mark.slow
 def test_real_dsb2018_counts_equal_the_mask_files(converted_real):
     """397 train and 133 val images; every image has one instance per non-empty mask file."""
     output, report = converted_real

@@ -1,10 +1,14 @@
-"""The stack the plugin runs on: detectron2, PointRend and torchvision's ops work on CPU."""
+"""The stack the plugin runs on (detectron2, PointRend and torchvision's ops work on CPU), the
+plugin's names registered on import, and the environment report."""
 
 import subprocess
 import sys
 
+import pytest
 import torch
 from torchvision.ops import nms, roi_align
+
+from objguided_d2.env import registered_names
 
 
 def test_torchvision_ops_run_on_cpu():
@@ -18,6 +22,7 @@ def test_torchvision_ops_run_on_cpu():
     assert torch.allclose(pooled.flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
 
 
+@pytest.mark.slow
 def test_detectron2_and_pointrend_build_on_cpu():
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -52,6 +57,15 @@ def test_detectron2_and_pointrend_build_on_cpu():
     assert "instances" in out[0]
 
 
+def test_import_registers_the_plugin_names():
+    names = registered_names()
+    assert names["META_ARCH_REGISTRY"] == ["ObjGuidedSegmentor"]
+    assert names["BACKBONE_REGISTRY"] == ["build_objguided_resnet_backbone"]
+    assert names["PROPOSAL_GENERATOR_REGISTRY"] == ["CenterKeypointProposalGenerator"]
+    assert names["ROI_HEADS_REGISTRY"] == ["ObjGuidedROIHeads"]
+
+
+@pytest.mark.slow
 def test_environment_report_runs():
     result = subprocess.run(
         [sys.executable, "-m", "objguided_d2.env"], capture_output=True, text=True, check=True

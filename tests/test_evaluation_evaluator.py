@@ -307,7 +307,7 @@ def _evaluate_shard(output_dir):
     """Runs in each of two processes: evaluates the images of its rank, the main one writes."""
     from detectron2.utils import comm
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a process spawned by launch: the setting ends with it
     dicts, inputs, outputs = _scene()
     name = "objguided_test_eval_distributed"
     _register(name, dicts)
@@ -336,6 +336,7 @@ def _process_group_threads() -> list[str]:
     return [name for name in names if "gloo" in name or "tcpstore" in name]
 
 
+@pytest.mark.slow
 def test_predictions_are_gathered_from_every_process(tmp_path):
     launch(_evaluate_shard, 2, dist_url="auto", args=(str(tmp_path),))
     with open(os.path.join(tmp_path, "paper_metrics.json")) as f:

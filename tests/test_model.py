@@ -243,6 +243,8 @@ def mask_ap50(scenes, outputs) -> float:
     return float(evaluation.stats[1])
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
 def test_overfits_two_images_to_mask_ap50_of_at_least_0_9():
     """From scratch on CPU, batch 2 (both images), Adam: the whole model (detector + mask
     branch + refinement) learns the two scenes."""
@@ -251,18 +253,11 @@ def test_overfits_two_images_to_mask_ap50_of_at_least_0_9():
     model = build_model(objguided_cfg(compact=True)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batch = [{"image": image, "instances": instances_from_masks(masks)} for image, masks in scenes]
-    threads = torch.get_num_threads()
-    # One intra-op thread: on a shared 2-core machine, 2 threads slow down ~10x whenever another
-    # process is busy (OpenMP workers wait on each other), 1 thread only ~1.5x when idle.
-    torch.set_num_threads(1)
-    try:
-        for _ in range(ITERATIONS):
-            losses = model(batch)
-            optimizer.zero_grad()
-            sum(losses.values()).backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(ITERATIONS):
+        losses = model(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
 
     model.eval()
     with torch.no_grad():

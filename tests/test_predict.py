@@ -17,7 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
-from helpers import load_tool
+from helpers import REPO, load_tool
 
 from objguided_d2.engine import load_config
 from objguided_d2.export import (
@@ -28,8 +28,6 @@ from objguided_d2.export import (
     instances_to_results,
     label_colors,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_instances(masks, scores, classes=None) -> Instances:
@@ -252,6 +250,7 @@ def test_collect_images_and_output_names(tmp_path):
         predict.collect_images([str(tmp_path / "missing*.png")])
 
 
+@pytest.mark.slow
 def test_predict_script_round_trips_a_real_architecture(tmp_path):
     """Mask R-CNN (random weights, every detection kept) through the script as users run it."""
     opts = ["INPUT.IMAGE_SIZE", "128", "TEST.DETECTIONS_PER_IMAGE", "15"]

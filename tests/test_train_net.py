@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
+from helpers import ARCHITECTURES, REPO
 
 from objguided_d2.data import DATASETS_ROOT_ENV, register_builtin_datasets
 
-REPO = Path(__file__).resolve().parents[1]
-ARCHITECTURES = {"objguided": "ObjGuided", "mask_rcnn": "Mask R-CNN", "pointrend": "PointRend"}
 TINY = [
     "INPUT.IMAGE_SIZE", "128",
     "SOLVER.IMS_PER_BATCH", "2",
@@ -41,6 +40,8 @@ EXTRA = {
     "pointrend": [],
 }  # fmt: skip
 EVALUATION = Path("inference/synthetic_neural_val/evaluation.json")
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
