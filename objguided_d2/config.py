@@ -59,10 +59,6 @@ def add_objguided_config(cfg: CN) -> None:
     _C.MASK_NMS_THRESH = 0.2         # mask IoU above which a lower-scored mask is suppressed
     # GT instances per training image that get a mask ROI; 0 = all of them (authors).
     _C.MAX_TRAIN_ROIS_PER_IMAGE = 0
-    # ROIs run in padded batches; a batch is cut in two while a cut saves more than this many
-    # padded level-0 pixels. Each batch costs a few hundred small ops, on a CPU about the work
-    # of 1000 pixels; larger values make fewer, more padded batches. Results do not depend on it.
-    _C.ROI_GROUP_MIN_SAVING = 1000
 
     # ---- Auxiliary feature refinement (training only; no cost at inference) ----
     _C.REFINE = CN()

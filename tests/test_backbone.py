@@ -1,4 +1,4 @@
-"""ResNet + "B" decoder backbone: shapes, parameter counts, weight loading, freezing, fusion."""
+"""ResNet + "B" decoder backbone: shapes, parameter counts, weight loading, freezing."""
 
 import pickle
 
@@ -11,12 +11,7 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import nn
 
 from objguided_d2 import add_objguided_config
-from objguided_d2.modeling.backbone import (
-    FusionBlock,
-    ObjGuidedBackbone,
-    build_fusion_norm,
-    build_objguided_resnet_backbone,
-)
+from objguided_d2.modeling.backbone import ObjGuidedBackbone, build_objguided_resnet_backbone
 
 
 def make_cfg(depth: int, norm: str = "BN", freeze_at: int = 0):
@@ -138,28 +133,3 @@ def test_imagenet_resnet_weights_load_by_name(tmp_path, r50_backbone):
         assert torch.equal(state["backbone.bottom_up." + name], value), name
     for name, value in decoder_before.items():
         assert torch.equal(state[name], value), name
-
-
-def test_fusion_block_hand_computed():
-    block = FusionBlock(low_channels=1, skip_channels=1, out_channels=1, norm="")
-    with torch.no_grad():
-        block.conv_low.weight.zero_()
-        block.conv_low.weight[0, 0, 1, 1] = 1.0  # identity 3x3 kernel
-        block.conv_low.bias.zero_()
-        block.conv_fuse.weight.copy_(torch.tensor([1.0, 1.0]).view(1, 2, 1, 1))
-        block.conv_fuse.bias.fill_(-1.0)
-    low = torch.full((1, 1, 1, 1), 2.0)  # upsampled: 2 everywhere
-    skip = torch.tensor([[[[1.0, -3.0], [0.0, 5.0]]]])
-    # relu(skip + 2 - 1)
-    assert torch.equal(block(low, skip), torch.tensor([[[[2.0, 0.0], [1.0, 6.0]]]]))
-
-
-def test_fusion_block_general_channels_and_norms():
-    block = FusionBlock(low_channels=8, skip_channels=4, out_channels=6, norm="IN")
-    out = block(torch.randn(2, 8, 3, 5), torch.randn(2, 4, 6, 10))
-    assert out.shape == (2, 6, 6, 10)
-    assert block.conv_fuse.in_channels == 4 + 6
-    assert num_params(block.norm_low) == 0 and not block.norm_low.track_running_stats
-    assert num_params(build_fusion_norm("IN_AFFINE", 6)) == 12
-    assert isinstance(build_fusion_norm("", 6), nn.Identity)
-    assert isinstance(build_fusion_norm("BN", 6), nn.BatchNorm2d)

@@ -11,7 +11,7 @@ from objguided_d2.modeling.point_sampling import (
     select_uncertain_points,
 )
 
-torch.set_num_threads(1)  # small tensors: extra threads only wait on a shared machine
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _padded(rois, pad_hw, fill=float("nan")):

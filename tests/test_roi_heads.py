@@ -1,20 +1,24 @@
-"""Object-guided ROI heads: batched == one ROI at a time, loss definitions, degenerate batches,
-and the inference bookkeeping (per-image grouping, scaling, mask NMS, cap)."""
+"""Object-guided ROI heads: the batched path equals the one-ROI-at-a-time reference (logits,
+losses, gradients, predictions), loss definitions, degenerate batches, and the inference
+bookkeeping (per-image grouping, scaling, mask NMS, cap)."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.layers import ShapeSpec
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
-from helpers import objguided_cfg
 
 from objguided_d2.modeling import roi_heads as roi_heads_module
-from objguided_d2.modeling.roi_geometry import crop_masks, crop_rois
+from objguided_d2.modeling.fusion import FUSED_RESIZE_CONV_MIN_CHANNELS
+from objguided_d2.modeling.point_sampling import point_counts, select_uncertain_points
+from objguided_d2.modeling.roi_crops import crop_masks, crop_rois
 from objguided_d2.modeling.roi_heads import GroupOutput, ObjGuidedROIHeads
 
-CHANNELS = {"stem": 6, "dec4": 5, "dec8": 7, "dec16": 8}
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# S3 reads dec16 with its upsampling and conv fused, the other S modules separately.
+CHANNELS = {"stem": 6, "dec4": 5, "dec8": 7, "dec16": FUSED_RESIZE_CONV_MIN_CHANNELS}
 STRIDES = {"stem": 2, "dec4": 4, "dec8": 8, "dec16": 16}
 IMAGE_SIZES = [(96, 128), (80, 112)]
 
@@ -119,14 +123,6 @@ def per_roi_logits(heads, images, features, batch_rois: bool):
     return logits, groups, pyramid
 
 
-@pytest.fixture(params=["fused", "resize-then-conv"])
-def s_module_path(request, monkeypatch):
-    """Both ways the S modules can upsample and convolve (chosen per shape by a cost model)."""
-    fused = request.param == "fused"
-    monkeypatch.setattr(roi_heads_module, "resize_conv_pays", lambda *args: fused)
-    return request.param
-
-
 def test_rois_cover_every_level_count():
     heads = make_heads()
     pyramid = heads.build_pyramid(all_rois()[0])
@@ -134,7 +130,7 @@ def test_rois_cover_every_level_count():
     assert pyramid.num_levels.tolist() == expected
 
 
-def test_batched_forward_equals_one_roi_at_a_time(s_module_path):
+def test_batched_forward_equals_one_roi_at_a_time():
     torch.manual_seed(0)
     heads = make_heads().eval()
     images, features = make_inputs()
@@ -150,28 +146,9 @@ def test_batched_forward_equals_one_roi_at_a_time(s_module_path):
         torch.testing.assert_close(batched[index], reference[index], atol=1e-5, rtol=1e-5)
 
 
-def test_group_setting_from_the_config_changes_the_batches_not_the_logits():
-    cfg = objguided_cfg(compact=True, opts=["MODEL.OBJGUIDED.ROI_GROUP_MIN_SAVING", 0])
-    shapes = {f: ShapeSpec(channels=c, stride=STRIDES[f]) for f, c in CHANNELS.items()}
-    assert ObjGuidedROIHeads.from_config(cfg, shapes)["group_min_saving"] == 0
-    torch.manual_seed(0)
-    heads = make_heads().eval()
-    images, features = make_inputs()
-    logits = {}
-    with torch.no_grad():
-        for min_saving in (0, 10**9):
-            heads.group_min_saving = min_saving
-            logits[min_saving], groups, pyramid = per_roi_logits(heads, images, features, True)
-            # 0: cut while any padding is saved; 10**9: one group per number of levels
-            levels = pyramid.num_levels[pyramid.num_levels > 0].unique()
-            assert (len(groups) > len(levels)) == (min_saving == 0)
-    for index, reference in logits[10**9].items():
-        torch.testing.assert_close(logits[0][index], reference, atol=1e-5, rtol=1e-5)
-
-
-def test_one_roi_reference_is_the_plain_module_computation(s_module_path):
-    """The reference path equals cropping one ROI and running the S modules' own forward
-    (F.interpolate + nn.InstanceNorm2d) and the seg head's convs on it, unpadded."""
+def test_one_roi_reference_is_the_plain_module_computation():
+    """The reference path equals cropping one ROI with the batched path's gathers and running
+    the S modules and the seg head's convs on it, unpadded."""
     torch.manual_seed(0)
     heads = make_heads().eval()
     images, features = make_inputs()
@@ -197,9 +174,21 @@ def test_one_roi_reference_is_the_plain_module_computation(s_module_path):
             torch.testing.assert_close(logits[0, 0], reference[index], atol=1e-5, rtol=1e-5)
 
 
-def test_batched_mask_loss_and_gradients_equal_one_roi_at_a_time(s_module_path):
+def fixed_candidate_points(probs, valid_hw, density, oversample_ratio, importance_ratio, mode):
+    """sample_uncertain_points with the same candidate table for every ROI, so that an ROI's
+    points do not depend on the group it runs in."""
+    num_points = point_counts(valid_hw, density, importance_ratio)
+    num_candidates = point_counts(valid_hw, density, oversample_ratio)
+    table = torch.rand(4096, 2, generator=torch.Generator().manual_seed(0))
+    assert int(num_candidates.max()) <= len(table)
+    candidates = table[: int(num_candidates.max())].expand(len(valid_hw), -1, -1)
+    return select_uncertain_points(probs, valid_hw, candidates, num_candidates, num_points)
+
+
+def test_batched_losses_and_gradients_equal_one_roi_at_a_time(monkeypatch):
+    monkeypatch.setattr(roi_heads_module, "sample_uncertain_points", fixed_candidate_points)
     torch.manual_seed(0)
-    heads = make_heads(refine_enabled=False).train()
+    heads = make_heads().train()
     images, features = make_inputs()
     features = {name: f.requires_grad_() for name, f in features.items()}
     targets = targets_of_rois()
@@ -208,36 +197,33 @@ def test_batched_mask_loss_and_gradients_equal_one_roi_at_a_time(s_module_path):
         heads.batch_rois = batch_rois
         heads.zero_grad()
         _, losses = heads(images, features, [], targets)
-        feature_grads = torch.autograd.grad(
-            losses["loss_mask"], list(features.values()), retain_graph=True
-        )
-        losses["loss_mask"].backward()
+        total = losses["loss_mask"] + losses["loss_refine"]
+        feature_grads = torch.autograd.grad(total, list(features.values()), retain_graph=True)
+        total.backward()
         param_grads = [p.grad.clone() for p in heads.parameters()]
-        results.append((losses["loss_mask"].detach(), feature_grads, param_grads))
+        results.append(({k: v.detach() for k, v in losses.items()}, feature_grads, param_grads))
     (loss_b, feat_b, param_b), (loss_r, feat_r, param_r) = results
-    torch.testing.assert_close(loss_b, loss_r, atol=1e-5, rtol=1e-5)
+    assert loss_b["loss_refine"] > 0
+    for name in ("loss_mask", "loss_refine"):
+        torch.testing.assert_close(loss_b[name], loss_r[name], atol=1e-5, rtol=1e-5)
     for batched, reference in zip(feat_b + tuple(param_b), feat_r + tuple(param_r)):
         torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-4)
 
 
-def test_inference_follows_weight_changes_of_the_fused_s_modules(monkeypatch):
-    """At inference the fused S modules keep their rearranged conv weights between calls, and
-    pick up new weights (a checkpoint loaded into an eval-mode model, as predictors do)."""
-    monkeypatch.setattr(roi_heads_module, "resize_conv_pays", lambda *args: True)
+def test_batched_predictions_equal_one_roi_at_a_time():
     torch.manual_seed(0)
-    heads, loaded = make_heads().eval(), make_heads().eval()
+    heads = make_heads().eval()
     images, features = make_inputs()
+    results = []
     with torch.no_grad():
-        per_roi_logits(heads, images, features, batch_rois=True)
-        conv = heads.fusions[0].conv_low
-        assert heads._weight_taps(conv) is heads._weight_taps(conv)
-        heads.load_state_dict(loaded.state_dict())
-        after, _, _ = per_roi_logits(heads, images, features, batch_rois=True)
-        expected, _, _ = per_roi_logits(loaded, images, features, batch_rois=True)
-    for index in expected:
-        torch.testing.assert_close(after[index], expected[index])
-    # with autograd, rearranged afresh inside the graph
-    assert heads._weight_taps(conv).requires_grad
+        for batch_rois in (True, False):
+            heads.batch_rois = batch_rois
+            results.append(heads(images, features, proposals_of_rois())[0])
+    for batched, reference in zip(*results):
+        assert len(batched) > 0
+        torch.testing.assert_close(batched.scores, reference.scores)
+        torch.testing.assert_close(batched.pred_boxes.tensor, reference.pred_boxes.tensor)
+        assert torch.equal(batched.pred_masks, reference.pred_masks)
 
 
 def softplus(x: float) -> float:
@@ -455,8 +441,8 @@ def test_inference_without_autograd_returns_ordinary_tensors_equal_to_a_recorded
 
 def test_channels_follow_the_feature_maps():
     heads = make_heads(image_conv_channels=4)
-    # S_i keeps level i's channels: levels are 4 (image conv), 6, 5, 7, 8.
-    expected = [(6, 4), (5, 6), (7, 5), (8, 7)]
+    # S_i keeps level i's channels: levels are 4 (image conv), 6, 5, 7 and dec16's.
+    expected = [(6, 4), (5, 6), (7, 5), (CHANNELS["dec16"], 7)]
     for fusion, (low, skip) in zip(heads.fusions, expected):
         assert fusion.conv_low.in_channels == low
         assert fusion.conv_fuse.out_channels == skip

@@ -29,12 +29,6 @@ def _gather_flops(weight, indices, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(indices) * weight[1]
 
 
-def _addmm_inplace_flops(input, mat1, mat2, *args, out_shape=None, **kwargs) -> int:
-    """aten addmm_ (in-place ``input += mat1 @ mat2``, (M, K) @ (K, N)), which torch counts only
-    out of place: M * K * N MACs."""
-    return 2 * mat1[0] * mat1[1] * mat2[1]
-
-
 def _grid_sample_flops(image, grid, *args, out_shape=None, **kwargs) -> int:
     """aten grid_sampler_2d (PointRend's point sampling, detectron2's paste-back): 4 bilinear
     taps per element of the (B, C, H_out, W_out) output."""
@@ -59,7 +53,6 @@ _roi_align_flops._get_raw = True  # the formula needs the boxes, not only shapes
 EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._embedding_bag_forward_only: _gather_flops,
     torch.ops.aten._embedding_bag: _gather_flops,
-    torch.ops.aten.addmm_: _addmm_inplace_flops,
     torch.ops.aten.grid_sampler_2d: _grid_sample_flops,
     torch.ops.torchvision.roi_align: _roi_align_flops,
 }

@@ -1,3 +1,8 @@
-"""The object-guided model's modules; importing them registers them in detectron2's registries."""
+"""The object-guided model's modules; importing them registers them in detectron2's registries.
 
-from . import backbone, center_head, meta_arch, point_sampling, roi_geometry, roi_heads  # noqa: F401
+Data flow of the mask branch: :mod:`.roi_crops` (ROI pyramids, groups, crops) ->
+:mod:`.fusion` (the S modules) on :mod:`.padded_layers` -> the seg head in :mod:`.roi_heads` ->
+:mod:`.mask_windows` (paste-back, mask NMS); :mod:`.point_sampling` trains the refinement.
+"""
+
+from . import backbone, center_head, meta_arch, roi_heads  # noqa: F401

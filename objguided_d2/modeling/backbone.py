@@ -2,85 +2,21 @@
 
 detectron2's ResNet is kept intact as ``bottom_up`` so that detectron2 / torchvision-converted
 ImageNet weights load unchanged; the decoder fuses res5 into res4, res3 and res2 with
-:class:`FusionBlock`, the same block the mask branch reuses (with instance norm) as its "S" module.
+:class:`.fusion.FusionBlock`, the same block the mask branch uses (with instance norm) as its "S"
+module.
 """
 
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
-from torch import nn
 
-__all__ = [
-    "FusionBlock",
-    "ObjGuidedBackbone",
-    "build_fusion_norm",
-    "build_objguided_resnet_backbone",
-]
+from .fusion import FusionBlock
 
-
-def build_fusion_norm(norm: str, channels: int) -> nn.Module:
-    """Norm layer of a :class:`FusionBlock`.
-
-    Args:
-        norm: a name of detectron2's :func:`get_norm` ("BN", "GN", "SyncBN", "FrozenBN", ...),
-            "" for none, "IN" for instance norm without parameters or running statistics (the
-            authors' "S" module) or "IN_AFFINE" for instance norm with the learnable gamma / eta of
-            the paper's Eq. 6.
-        channels: number of channels it normalizes.
-    """
-    if norm == "IN":
-        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
-    if norm == "IN_AFFINE":
-        return nn.InstanceNorm2d(channels, affine=True, track_running_stats=False)
-    return get_norm(norm, channels) or nn.Identity()
-
-
-class FusionBlock(nn.Module):
-    """Fuse a deep map into a shallower skip map (the paper's "B" and "S" modules).
-
-    ``low`` is bilinearly upsampled to the size of ``skip``, then::
-
-        up  = relu(norm_low(conv_low(low)))                 # 3x3, low_channels -> out_channels
-        out = relu(norm_fuse(conv_fuse(cat[skip, up])))     # 1x1, skip + out -> out_channels
-
-    With ``out_channels == skip_channels`` this is the authors' module exactly. Its pieces are the
-    attributes ``conv_low`` (nn.Conv2d), ``norm_low`` (nn.Module), ``conv_fuse`` (nn.Conv2d) and
-    ``norm_fuse`` (nn.Module), so a caller can run the same weights step by step (e.g. on padded
-    batches of ROIs with its own masked normalization). Weights keep PyTorch's default init, as the
-    authors' code does.
-    """
-
-    def __init__(self, low_channels: int, skip_channels: int, out_channels: int, norm: str):
-        """
-        Args:
-            low_channels: channels of the deep input.
-            skip_channels: channels of the shallow (skip) input.
-            out_channels: channels of the output.
-            norm: see :func:`build_fusion_norm`.
-        """
-        super().__init__()
-        # Both convs keep their bias, as in the authors' module, whatever the norm.
-        self.conv_low = nn.Conv2d(low_channels, out_channels, kernel_size=3, padding=1)
-        self.norm_low = build_fusion_norm(norm, out_channels)
-        self.conv_fuse = nn.Conv2d(skip_channels + out_channels, out_channels, kernel_size=1)
-        self.norm_fuse = build_fusion_norm(norm, out_channels)
-
-    def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            low: (N, low_channels, h, w) deep features.
-            skip: (N, skip_channels, H, W) shallow features.
-
-        Returns:
-            (N, out_channels, H, W).
-        """
-        up = F.interpolate(low, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        up = F.relu(self.norm_low(self.conv_low(up)))
-        return F.relu(self.norm_fuse(self.conv_fuse(torch.cat([skip, up], dim=1))))
+__all__ = ["ObjGuidedBackbone", "build_objguided_resnet_backbone"]
 
 
 class ObjGuidedBackbone(Backbone):
@@ -97,7 +33,7 @@ class ObjGuidedBackbone(Backbone):
         Args:
             bottom_up: a detectron2 ResNet whose out_features include res2..res5.
             decoder_channels: output channels of dec16, dec8, dec4.
-            norm: norm of the fusion blocks (see :func:`build_fusion_norm`).
+            norm: norm of the fusion blocks (see :func:`.fusion.build_fusion_norm`).
         """
         super().__init__()
         if len(decoder_channels) != 3:

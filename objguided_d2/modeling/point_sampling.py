@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .roi_geometry import bilinear_tap_rows, channel_rows, gather_bilinear, linear_taps
+from .bilinear import bilinear_tap_rows, channel_rows, gather_bilinear, linear_taps
 
 __all__ = [
     "point_counts",

@@ -1,19 +1,20 @@
 """Object-guided mask heads (Yi et al., TMI 2021, Sec. II-B and II-C).
 
 Every box is cropped, enlarged, at up to five levels with a size-adaptive grid (see
-:mod:`.roi_geometry`): a two-conv stem on the image (stride 1), the backbone's stride-2 stem and the
+:mod:`.roi_crops`): a two-conv stem on the image (stride 1), the backbone's stride-2 stem and the
 decoder's stride-4/8/16 maps (the "object guidance"). The crops are fused top-down by the "S"
-modules (:class:`FusionBlock` with instance norm) into e2 (level 1) and e1 (level 0), and a
-two-conv head predicts mask logits at the ROI's own level-0 resolution. Training uses the
+modules (:class:`.fusion.FusionBlock` with instance norm) into e2 (level 1) and e1 (level 0), and
+a two-conv head predicts mask logits at the ROI's own level-0 resolution. Training uses the
 ground-truth boxes and adds the auxiliary refinement: point heads on e1 and [e1, e2] at the most
 uncertain points of each predicted mask. Inference pastes the masks back into their windows of the
-image, filters them with mask NMS and writes out the kept ones as full-image masks.
+image, filters them with mask NMS and writes out the kept ones as full-image masks
+(:mod:`.mask_windows`).
 
-ROIs run in padded groups (:func:`.roi_geometry.group_rois`) with every operation masked to each
-ROI's valid region, so the result equals running one ROI at a time; ``batch_rois=False`` runs that
-reference computation (groups of one unpadded ROI) through the same code. The S modules run level
-by level over all groups, with the upsampling and first conv fused at the low resolution where
-that is cheaper (:func:`.roi_geometry.resize_conv_rois`).
+The branch's computation is written once (:meth:`ObjGuidedROIHeads.mask_branch`) and runs two
+ways: on padded groups of ROIs (:func:`.roi_crops.group_rois`), each layer in its padded-batch
+variant (:mod:`.padded_layers`), or, with ``batch_rois=False``, one unpadded ROI at a time with
+plain PyTorch layers (``grid_sample`` crops, ``F.interpolate``, ``nn.InstanceNorm2d``): the
+reference the batched path is tested against.
 """
 
 from collections.abc import Sequence
@@ -27,30 +28,21 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import nn
 
-from .backbone import FusionBlock
+from .fusion import FusionBlock
+from .mask_windows import MaskWindows, mask_nms, paste_mask_windows
 from .point_sampling import point_sample_rois, sample_uncertain_points
-from .roi_geometry import (
-    MaskWindows,
+from .roi_crops import (
     RoiGroup,
     RoiPyramid,
     build_roi_pyramid,
-    conv1x1_concat,
-    conv2d_by_taps,
-    conv_weight_taps,
     crop_masks,
+    crop_one_roi,
     crop_roi_groups,
     group_rois,
-    mask_nms,
-    masked_instance_norm,
-    paste_mask_windows,
-    resize_conv_pays,
-    resize_conv_rois,
-    resize_rois_bilinear,
-    scale_fresh,
     valid_mask,
 )
 
-__all__ = ["GroupOutput", "ObjGuidedROIHeads", "one_roi_groups"]
+__all__ = ["GroupOutput", "ObjGuidedROIHeads"]
 
 
 class GroupOutput(NamedTuple):
@@ -64,7 +56,7 @@ class GroupOutput(NamedTuple):
     valid_hw: torch.Tensor  # (G, L, 2) int64 (h, w) of each ROI at each of the L levels
 
 
-def one_roi_groups(pyramid: RoiPyramid) -> list[RoiGroup]:
+def _one_roi_groups(pyramid: RoiPyramid) -> list[RoiGroup]:
     """One group per kept ROI, padded to nothing: the one-ROI-at-a-time reference computation."""
     kept = torch.nonzero(pyramid.num_levels > 0).squeeze(1)
     level_hw = pyramid.level_hw[kept].tolist()
@@ -111,7 +103,6 @@ class ObjGuidedROIHeads(nn.Module):
         refine_point_density: int = 8,
         refine_loss_weight: float = 1.0,
         batch_rois: bool = True,
-        group_min_saving: int = 1000,
         max_group_pixels: int = 1 << 20,
     ):
         """
@@ -135,9 +126,8 @@ class ObjGuidedROIHeads(nn.Module):
             refine_sampling: "biased" or "uniform" (see :func:`sample_uncertain_points`).
             refine_oversample_ratio, refine_importance_ratio, refine_point_density: k, beta, D.
             refine_loss_weight: weight of the point-head BCE.
-            batch_rois: run ROIs in padded groups; False runs them one at a time (the reference).
-            group_min_saving: padded level-0 pixels a cut of a group must save
-                (:func:`.roi_geometry.group_rois`).
+            batch_rois: run ROIs in padded groups; False runs them one at a time with plain
+                PyTorch layers (the reference).
             max_group_pixels: bound on G * H0 * W0 of a group (memory of its level-0 maps).
         """
         super().__init__()
@@ -163,9 +153,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.refine_point_density = refine_point_density
         self.refine_loss_weight = refine_loss_weight
         self.batch_rois = batch_rois
-        self.group_min_saving = group_min_saving
         self.max_group_pixels = max_group_pixels
-        self._inference_weight_taps: dict[nn.Conv2d, tuple[tuple, torch.Tensor]] = {}
 
         self.image_conv = nn.Sequential(
             nn.Conv2d(image_channels, image_conv_channels, 3, padding=1),
@@ -210,7 +198,6 @@ class ObjGuidedROIHeads(nn.Module):
             "refine_importance_ratio": og.REFINE.IMPORTANCE_RATIO,
             "refine_point_density": og.REFINE.POINT_DENSITY,
             "refine_loss_weight": og.REFINE.LOSS_WEIGHT,
-            "group_min_saving": og.ROI_GROUP_MIN_SAVING,
         }
 
     def forward(
@@ -251,8 +238,8 @@ class ObjGuidedROIHeads(nn.Module):
     def group(self, pyramid: RoiPyramid) -> list[RoiGroup]:
         """The batches ROIs run in (skipped ROIs belong to none)."""
         if not self.batch_rois:
-            return one_roi_groups(pyramid)
-        return group_rois(pyramid, self.group_min_saving, self.max_group_pixels)
+            return _one_roi_groups(pyramid)
+        return group_rois(pyramid, max_group_pixels=self.max_group_pixels)
 
     def segment(
         self,
@@ -279,111 +266,98 @@ class ObjGuidedROIHeads(nn.Module):
         level_maps = [self.level0_map(images)] + [
             features[f].contiguous(memory_format=torch.channels_last) for f in self.in_features
         ]
+        if not self.batch_rois:
+            return self._segment_one_roi_at_a_time(level_maps, batch_index, pyramid, groups)
+        # One gather per level for all groups: a single gradient accumulation per feature map.
         num_levels = max(group.num_levels for group in groups)
-        valid_hw = [pyramid.level_hw[group.indices, : group.num_levels] for group in groups]
-        # Top-down, one level at a time over all groups, so that each S module mixes the channels
-        # of every group in one matmul; tops[i] is group i's map at the current level.
-        tops: list[torch.Tensor | None] = [None] * len(groups)
-        e2: list[torch.Tensor | None] = [None] * len(groups)
-        for level in reversed(range(num_levels)):
-            members = [i for i, group in enumerate(groups) if group.num_levels > level]
-            # One gather per level for all groups: a single gradient accumulation per feature map.
-            crops = crop_roi_groups(
-                level_maps[level], batch_index, pyramid, level, [groups[i] for i in members]
+        level_crops = [
+            iter(
+                crop_roi_groups(
+                    level_maps[level],
+                    batch_index,
+                    pyramid,
+                    level,
+                    [group for group in groups if group.num_levels > level],
+                )
             )
-            fusing = [
-                (i, crop) for i, crop in zip(members, crops) if groups[i].num_levels > level + 1
-            ]
-            batches = [
-                (tops[i], crop, valid_hw[i][:, level + 1], valid_hw[i][:, level])
-                for i, crop in fusing
-            ]
-            fused = self._fuse_groups(self.fusions[level], batches) if batches else []
-            for i, crop in zip(members, crops):
-                tops[i] = crop
-            for (i, _), x in zip(fusing, fused):
-                tops[i] = x
-            if level == 1:
-                for i in members:
-                    e2[i] = tops[i]
-        return [self._seg_head(x, hw, e) for x, hw, e in zip(tops, valid_hw, e2)]
+            for level in range(num_levels)
+        ]
+        crops = [[next(level_crops[level]) for level in range(g.num_levels)] for g in groups]
+        valid_hw = [pyramid.level_hw[g.indices, : g.num_levels] for g in groups]
+        return self.mask_branch(crops, valid_hw)
+
+    def _segment_one_roi_at_a_time(
+        self,
+        level_maps: list[torch.Tensor],
+        batch_index: torch.Tensor,
+        pyramid: RoiPyramid,
+        groups: Sequence[RoiGroup],
+    ) -> list[GroupOutput]:
+        """The reference: groups of one ROI, cropped with ``grid_sample`` and run unpadded."""
+        crops, valid_hw = [], []
+        for group in groups:
+            one = pyramid[group.indices]
+            image = int(batch_index[group.indices[0]])
+            maps = [level_map[image, None] for level_map in level_maps[: group.num_levels]]
+            crops.append([crop_one_roi(m, one, level) for level, m in enumerate(maps)])
+            valid_hw.append(one.level_hw[:, : group.num_levels])
+        outputs = self.mask_branch(crops)
+        return [out._replace(valid_hw=hw) for out, hw in zip(outputs, valid_hw)]
+
+    def mask_branch(
+        self,
+        crops: Sequence[Sequence[torch.Tensor]],
+        valid_hw: Sequence[torch.Tensor] | None = None,
+    ) -> list[GroupOutput]:
+        """The S modules top-down over the crops of each group of ROIs, then the seg head.
+
+        Args:
+            crops: per group, per level (shallowest first, as many as the group's ROIs have) a
+                (G, C_i, H_i, W_i) crop: a single whole ROI (G = 1), or a padded ROI batch (zero
+                outside each ROI).
+            valid_hw: for padded batches, per group the (G, L, 2) int64 (h, w) of each ROI at
+                each level; None for whole ROIs.
+
+        Returns:
+            Per group its :class:`GroupOutput` (``valid_hw`` as given, None for whole ROIs).
+        """
+        tops = [levels[-1] for levels in crops]
+        e2 = [levels[-1] if len(levels) == 2 else None for levels in crops]
+        # Level by level over all groups, so that each S module runs once per level.
+        for level in reversed(range(max(len(levels) for levels in crops) - 1)):
+            members = [g for g, levels in enumerate(crops) if len(levels) > level + 1]
+            lows, skips = [tops[g] for g in members], [crops[g][level] for g in members]
+            block = self.fusions[level]
+            if valid_hw is None:
+                fused = [block(low, skip) for low, skip in zip(lows, skips)]
+            else:
+                sizes = [(valid_hw[g][:, level + 1], valid_hw[g][:, level]) for g in members]
+                fused = block(lows, skips, sizes)
+            for g, x in zip(members, fused):
+                tops[g] = x
+                if level == 1:
+                    e2[g] = x
+        outputs = []
+        for g, e1 in enumerate(tops):
+            hw = None if valid_hw is None else valid_hw[g]
+            valid0 = None if hw is None else valid_mask(hw[:, 0], e1.shape[-2:])
+            logits = self.seg_head(e1, valid0)
+            outputs.append(GroupOutput(logits=logits, e1=e1, e2=e2[g], valid_hw=hw))
+        return outputs
+
+    def seg_head(self, e1: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits (G, 1, H0, W0) of the level-0 map e1 (G, C0, H0, W0); ``valid`` (G, 1, H0,
+        W0) for a padded ROI batch, whose logits are then zero outside each ROI."""
+        hidden = F.relu(self.seg_conv(e1))
+        if valid is None:
+            return self.seg_predictor(hidden)
+        # seg_conv writes outside each ROI (bias, border taps): the predictor must read zeros
+        return self.seg_predictor(hidden * valid) * valid
 
     def level0_map(self, images: ImageList) -> torch.Tensor:
         """(N, C0, H, W) level-0 map: the image conv at stride 1, channels-last (its convolutions
         run faster so on a CPU, and the crops' gathers read it as it is)."""
         return self.image_conv(images.tensor.contiguous(memory_format=torch.channels_last))
-
-    def _seg_head(
-        self, e1: torch.Tensor, valid_hw: torch.Tensor, e2: torch.Tensor | None
-    ) -> GroupOutput:
-        """The two-conv seg head on one group's level-0 map."""
-        valid0 = valid_mask(valid_hw[:, 0], e1.shape[-2:]).to(e1.dtype)
-        # Each conv writes outside the valid region (bias, border taps): the predictor reads
-        # its input as zero there, and its logits are re-zeroed.
-        hidden = F.relu_(self.seg_conv(e1))
-        predictor = self.seg_predictor
-        logits = conv2d_by_taps(hidden, predictor.weight, predictor.bias, valid=valid0)
-        logits = scale_fresh(logits, valid0)
-        return GroupOutput(logits=logits, e1=e1, e2=e2, valid_hw=valid_hw)
-
-    def _fuse_groups(
-        self,
-        block: FusionBlock,
-        batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-    ) -> list[torch.Tensor]:
-        """:meth:`FusionBlock.forward` on padded ROI batches (low, skip, low_hw, skip_hw), one per
-        group: per-ROI upsampling of ``low`` to its skip's size and instance norm over each valid
-        region, zero outside it.
-
-        Where it is cheaper (:func:`resize_conv_pays`), the upsampling and ``conv_low`` run fused,
-        with the conv's channel mixing at the low resolution, in one matmul for all those groups.
-        """
-        conv = block.conv_low
-        pays = [
-            resize_conv_pays(conv.in_channels, conv.kernel_size[0], low.shape[-2:], skip.shape[-2:])
-            for low, skip, _, _ in batches
-        ]
-        cheaper = [
-            (low, low_hw, skip_hw, skip.shape[-2:])
-            for (low, skip, low_hw, skip_hw), fuse in zip(batches, pays)
-            if fuse
-        ]
-        fused = iter(resize_conv_rois(self._weight_taps(conv), cheaper) if cheaper else [])
-        outputs = []
-        for (low, skip, low_hw, skip_hw), fuse in zip(batches, pays):
-            valid = valid_mask(skip_hw, skip.shape[-2:])
-            if fuse:
-                # Without conv_low's bias: the instance norm below subtracts each channel's mean,
-                # which removes any bias exactly.
-                up = next(fused)
-            else:
-                up = conv(resize_rois_bilinear(low, low_hw, skip_hw, skip.shape[-2:]))
-            # ReLUs in place on the norms' fresh outputs. conv_fuse mixes channels position by
-            # position and its norm masks, so up may hold anything outside the valid regions.
-            up = F.relu_(self._instance_norm(block.norm_low, up, valid, zero_outside=False))
-            # Without conv_fuse's bias: the instance norm right after removes it, as above.
-            fused_map = conv1x1_concat([skip, up], block.conv_fuse.weight)
-            outputs.append(F.relu_(self._instance_norm(block.norm_fuse, fused_map, valid)))
-        return outputs
-
-    def _weight_taps(self, conv: nn.Conv2d) -> torch.Tensor:
-        """:func:`conv_weight_taps` of ``conv``'s weight, kept between calls without autograd
-        (inference) until the weight changes: rearranging S3's weight copies 19 MB."""
-        weight = conv.weight
-        if torch.is_grad_enabled():
-            return conv_weight_taps(weight)
-        # in-place updates (optimizer steps, load_state_dict) bump the version; .to() moves data
-        key = (weight.data_ptr(), weight.device, weight.dtype, weight._version)
-        cached = self._inference_weight_taps.get(conv)
-        if cached is None or cached[0] != key:
-            cached = self._inference_weight_taps[conv] = (key, conv_weight_taps(weight))
-        return cached[1]
-
-    @staticmethod
-    def _instance_norm(
-        norm: nn.InstanceNorm2d, x: torch.Tensor, valid: torch.Tensor, zero_outside: bool = True
-    ) -> torch.Tensor:
-        return masked_instance_norm(x, valid, norm.eps, norm.weight, norm.bias, zero_outside)
 
     # ---------------------------------------------------------------------------------------
     # Training

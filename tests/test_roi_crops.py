@@ -1,0 +1,224 @@
+"""ROI pyramids, grouping and crops, checked against hand-computed values and the plain
+``grid_sample`` crop of one ROI."""
+
+import pytest
+import torch
+
+from objguided_d2.modeling.roi_crops import (
+    build_roi_pyramid,
+    crop_masks,
+    crop_one_roi,
+    crop_roi_groups,
+    crop_rois,
+    group_rois,
+    valid_mask,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_pyramid_sizes_and_levels_near_the_limits():
+    boxes = torch.tensor(
+        [
+            [10.0, 20.0, 30.0, 50.0],  # 20 x 30 -> 22 x 33 enlarged
+            [0.0, 0.0, 7.2, 40.0],  # 1.1 * 7.2 / 4 = 1.98 < 2: stops before level 2
+            [0.0, 0.0, 7.28, 40.0],  # 1.1 * 7.28 / 4 = 2.002: level 2 has 2 columns
+            [5.0, 5.0, 6.0, 6.0],  # 1 px: 1.1 < 2 at level 0, skipped
+            [0.0, 0.0, 100.0, 100.0],  # all five levels
+        ]
+    )
+    pyramid = build_roi_pyramid(boxes)
+    assert pyramid.strides == (1, 2, 4, 8, 16)
+    assert pyramid.num_levels.tolist() == [4, 2, 3, 0, 5]
+    assert pyramid.level_hw[0].tolist() == [[33, 22], [16, 11], [8, 5], [4, 2], [0, 0]]
+    assert pyramid.level_hw[1].tolist() == [[44, 7], [22, 3], [0, 0], [0, 0], [0, 0]]
+    assert pyramid.level_hw[2, :3].tolist() == [[44, 8], [22, 4], [11, 2]]
+    assert pyramid.level_hw[3].abs().sum() == 0
+    assert pyramid.level_hw[4].tolist() == [[110, 110], [55, 55], [27, 27], [13, 13], [6, 6]]
+    # centres in pixel-index coordinates, sizes enlarged
+    assert pyramid.centers[0].tolist() == [19.5, 34.5]
+    assert torch.allclose(pyramid.sizes[0], torch.tensor([22.0, 33.0], dtype=torch.float64))
+
+
+def test_pyramid_subset_and_custom_levels():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 40.0, 20.0]])
+    pyramid = build_roi_pyramid(boxes, strides=(1, 4), enlarge=1.0, min_size=3.0)
+    assert pyramid.level_hw.tolist() == [[[10, 10], [0, 0]], [[20, 40], [5, 10]]]
+    sub = pyramid[torch.tensor([1])]
+    assert len(sub) == 1 and sub.level_hw.tolist() == [[[20, 40], [5, 10]]]
+
+
+def test_crop_of_linear_ramp_is_exact_with_half_pixel_mapping():
+    # f(u, v) = 3 + 2u - v is reproduced exactly by bilinear sampling inside the map
+    height, width = 40, 50  # a stride-4 map of a 160 x 200 input
+    v, u = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    feature = (3.0 + 2.0 * u - v).float()[None, None].repeat(1, 2, 1, 1)
+    feature[0, 1] *= -1
+    box = torch.tensor([[40.0, 30.0, 100.0, 110.0]])  # 60 x 80 -> 66 x 88 enlarged
+    pyramid = build_roi_pyramid(box)
+    crops, valid = crop_rois(feature, torch.tensor([0]), pyramid, 2, (25, 20))
+    h, w = pyramid.level_hw[0, 2].tolist()
+    assert (h, w) == (22, 16)
+    # stride 4: u = (x + 0.5) / 4 - 0.5 with x_k = 69.5 - 33 + k * 66 / 15
+    uk = (69.5 - 33 + torch.arange(w, dtype=torch.float64) * 66 / 15 + 0.5) / 4 - 0.5
+    vk = (69.5 - 44 + torch.arange(h, dtype=torch.float64) * 88 / 21 + 0.5) / 4 - 0.5
+    expected = 3.0 + 2.0 * uk[None, :] - vk[:, None]
+    assert torch.allclose(crops[0, 0, :h, :w].double(), expected, atol=1e-4)
+    assert torch.allclose(crops[0, 1, :h, :w].double(), -expected, atol=1e-4)
+    reference = crop_one_roi(feature, pyramid, 2)
+    assert reference.shape == (1, 2, h, w)
+    assert torch.allclose(reference[0, 0].double(), expected, atol=1e-4)
+    assert crops[0, :, h:].abs().sum() == 0 and crops[0, :, :, w:].abs().sum() == 0
+    assert valid.dtype == torch.bool and valid.shape == (1, 1, 25, 20)
+    assert valid[0, 0].sum() == h * w and valid[0, 0, :h, :w].all()
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_crop_matches_the_grid_sample_crop_of_each_roi_with_zeros_outside_the_map(memory_format):
+    torch.manual_seed(0)
+    # stride 4 of 64 x 80
+    features = torch.randn(2, 3, 16, 20).contiguous(memory_format=memory_format)
+    boxes = torch.tensor(
+        [
+            [-6.0, -4.0, 20.0, 30.0],  # sticks out at the top-left
+            [50.0, 40.0, 85.0, 70.0],  # sticks out at the bottom-right
+            [10.0, 12.0, 40.0, 24.0],
+        ]
+    )
+    batch_index = torch.tensor([1, 0, 1])
+    pyramid = build_roi_pyramid(boxes)
+    crops, _ = crop_rois(features, batch_index, pyramid, 2, (12, 12))
+    assert crops.is_contiguous(memory_format=torch.channels_last)
+    for r in range(3):
+        reference = crop_one_roi(features[batch_index[r], None], pyramid[[r]], 2)[0]
+        h, w = reference.shape[1:]
+        assert pyramid.level_hw[r, 2].tolist() == [h, w]
+        torch.testing.assert_close(crops[r, :, :h, :w], reference, atol=1e-5, rtol=0)
+        assert crops[r, :, h:].abs().sum() == 0 and crops[r, :, :, w:].abs().sum() == 0
+
+
+def test_crop_groups_equal_single_batch_crops_and_gradients():
+    torch.manual_seed(1)
+    boxes = torch.tensor(
+        [[3.0, 4.0, 40.0, 30.0], [10.0, 10.0, 22.0, 19.0], [0.0, 20.0, 60.0, 63.0]]
+    )
+    batch_index = torch.tensor([0, 1, 1])
+    pyramid = build_roi_pyramid(boxes)
+    feature = torch.randn(2, 4, 32, 32, requires_grad=True)  # stride 2
+    groups = group_rois(pyramid, min_saving=0)
+    assert len(groups) == 3
+    grouped = crop_roi_groups(feature, batch_index, pyramid, 1, groups)
+    single, _ = crop_rois(feature, batch_index, pyramid, 1, pyramid.level_hw[:, 1].amax(0))
+    for group, crops in zip(groups, grouped):
+        assert crops.shape == (len(group.indices), 4, *group.pad_hw[1])
+        h, w = group.pad_hw[1]
+        assert torch.equal(crops, single[group.indices, :, :h, :w])
+    weights = torch.randn_like(single)
+    (grad_single,) = torch.autograd.grad((single * weights).sum(), feature)
+    grouped_loss = sum(
+        (crops * weights[g.indices, :, : crops.shape[2], : crops.shape[3]]).sum()
+        for g, crops in zip(groups, grouped)
+    )
+    (grad_grouped,) = torch.autograd.grad(grouped_loss, feature)
+    torch.testing.assert_close(grad_grouped, grad_single)
+    # the gradient is the adjoint of the crop: <crop(f), g> = <f, grad>
+    assert torch.allclose((grad_single * feature).sum(), (single * weights).sum(), rtol=1e-4)
+
+
+def test_crop_masks_reads_each_rois_own_mask():
+    masks = torch.zeros(3, 40, 50, dtype=torch.bool)
+    masks[0, 10:30, 10:30] = True
+    masks[1, 5:15, 20:45] = True
+    masks[2] = True
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [20.0, 5.0, 45.0, 15.0]])
+    pyramid = build_roi_pyramid(boxes)
+    soft = crop_masks(masks, pyramid, (24, 30), mask_index=torch.tensor([0, 1]))
+    for r in range(2):
+        reference = crop_one_roi(masks[r, None, None].float(), pyramid[[r]], 0)[0]
+        h, w = reference.shape[1:]
+        torch.testing.assert_close(soft[r, :, :h, :w], reference, atol=1e-5, rtol=0)
+        assert soft[r, :, h:].sum() == 0 and soft[r, :, :, w:].sum() == 0
+    # 20 px box -> 22 samples at 8.5 + k * 22 / 21: samples 2..19 lie in [10, 29], first is out
+    assert soft[0, 0, 2:20, 2:20].eq(1).all() and soft[0, 0, 0, :].max() == 0
+    assert 0 < soft[0, 0, 1, 5] < 1
+    # ROI 0 reading the all-ones mask 2 is 1 wherever the grid lies in the image
+    ones = crop_masks(masks, pyramid[:1], (22, 22), mask_index=torch.tensor([2]))
+    torch.testing.assert_close(ones, torch.ones_like(ones))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_crop_masks_accepts_byte_and_float_masks(dtype):
+    masks = torch.zeros(1, 30, 30, dtype=torch.bool)
+    masks[0, 5:20, 8:25] = True
+    pyramid = build_roi_pyramid(torch.tensor([[8.0, 5.0, 25.0, 20.0]]))
+    expected = crop_masks(masks, pyramid, (16, 18))
+    assert torch.equal(crop_masks(masks.to(dtype), pyramid, (16, 18)), expected)
+
+
+def test_valid_mask():
+    mask = valid_mask(torch.tensor([[2, 3], [0, 4], [3, 1]]), (3, 4))
+    assert mask.shape == (3, 1, 3, 4)
+    assert mask.sum((1, 2, 3)).tolist() == [6, 0, 3]
+    assert mask[0, 0, :2, :3].all() and mask[2, 0, :, 0].all()
+
+
+def test_group_rois_partitions_the_rois_and_cuts_while_it_saves_padding():
+    torch.manual_seed(5)
+    xy = torch.rand(200, 2) * 400
+    wh = torch.rand(200, 2) ** 2 * 90 + 0.5
+    pyramid = build_roi_pyramid(torch.cat((xy, xy + wh), dim=1))
+    kept = torch.nonzero(pyramid.num_levels > 0).squeeze(1)
+    assert len(kept) < 200
+
+    def padded_area(indices):
+        return len(indices) * int(pyramid.level_hw[indices, 0].amax(0).prod())
+
+    for min_saving in (0, 1000, 10**9):
+        groups = group_rois(pyramid, min_saving=min_saving)
+        members = torch.cat([g.indices for g in groups])
+        assert sorted(members.tolist()) == kept.tolist()
+        for group in groups:
+            assert group.indices.tolist() == sorted(group.indices.tolist())
+            levels = pyramid.num_levels[group.indices]
+            assert (levels == group.num_levels).all()
+            hw = pyramid.level_hw[group.indices]
+            for level, pad in enumerate(group.pad_hw):
+                assert list(pad) == hw[:, level].amax(0).tolist()
+            # no cut between consecutive ROIs by height or by width saves more than min_saving
+            for axis in (0, 1):
+                order = group.indices[torch.sort(hw[:, 0, axis], stable=True).indices]
+                for cut in range(1, len(order)):
+                    saving = padded_area(order) - padded_area(order[:cut])
+                    saving -= padded_area(order[cut:])
+                    assert saving <= min_saving
+        if min_saving == 10**9:  # never cut: one group per number of levels
+            assert len(groups) == len(pyramid.num_levels[kept].unique())
+    # the default cuts into fewer groups than cutting at any saving, padding more
+    cut_all, default = group_rois(pyramid, min_saving=0), group_rois(pyramid)
+    assert len(default) < len(cut_all)
+    assert sum(padded_area(g.indices) for g in default) > sum(
+        padded_area(g.indices) for g in cut_all
+    )
+
+    limited = group_rois(pyramid, max_group_pixels=4000)
+    assert sorted(torch.cat([g.indices for g in limited]).tolist()) == kept.tolist()
+    for group in limited:
+        pad_area = group.pad_hw[0][0] * group.pad_hw[0][1]
+        assert len(group.indices) == 1 or len(group.indices) * pad_area <= 4000
+
+
+def test_group_rois_separates_two_sizes_and_keeps_near_sizes_together():
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 36.0]] * 5 + [[0.0, 0.0, 60.0, 50.0]] * 3)
+    near = torch.tensor([[0.0, 0.0, 41.0, 36.0]] * 2)  # one pixel wider: cutting saves 195 px
+    pyramid = build_roi_pyramid(torch.cat((boxes, near)))
+    assert (pyramid.num_levels == 5).all()
+    groups = group_rois(pyramid)
+    assert [g.indices.tolist() for g in groups] == [[0, 1, 2, 3, 4, 8, 9], [5, 6, 7]]
+    assert groups[0].pad_hw[0] == (39, 45) and groups[1].pad_hw[0] == (55, 66)
+    assert len(group_rois(pyramid, min_saving=0)) == 3
+
+
+def test_group_rois_without_kept_rois():
+    pyramid = build_roi_pyramid(torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    assert group_rois(pyramid) == []
+    assert group_rois(build_roi_pyramid(torch.zeros(0, 4))) == []
