@@ -175,7 +175,7 @@ def stub_predict(monkeypatch, tmp_path):
     def run(*args):
         return predict.main(
             [
-                "--config-file", str(REPO / "configs/synthetic_neural_objguided_cpu.yaml"),
+                "--config-file", str(REPO / "configs/compact/synthetic_neural_objguided.yaml"),
                 "--weights", str(tmp_path / "stub.pth"),
                 "--device", "cpu",
                 *map(str, args),
@@ -255,7 +255,7 @@ def test_predict_script_round_trips_a_real_architecture(tmp_path):
     """Mask R-CNN (random weights, every detection kept) through the script as users run it."""
     opts = ["INPUT.IMAGE_SIZE", "128", "TEST.DETECTIONS_PER_IMAGE", "15"]
     opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
-    config = REPO / "configs/synthetic_neural_mask_rcnn_cpu.yaml"
+    config = REPO / "configs/compact/synthetic_neural_mask_rcnn.yaml"
     torch.manual_seed(0)
     model = build_model(load_config(str(config), opts))
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("random")

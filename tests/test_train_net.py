@@ -75,7 +75,7 @@ def train_net(datasets_root, *args) -> subprocess.CompletedProcess:
 
 
 def config(arch: str) -> str:
-    return f"configs/synthetic_neural_{arch}_cpu.yaml"
+    return f"configs/compact/synthetic_neural_{arch}.yaml"
 
 
 def checkpoint_iteration(path: Path) -> int:
