@@ -44,6 +44,9 @@ def add_objguided_config(cfg: CN) -> None:
     _C.WH_LOSS_WEIGHT = 0.1          # authors' weight; the paper gives none
     _C.OFFSET_LOSS_WEIGHT = 1.0      # weight of the sub-pixel center offset loss
     _C.REGRESSION_LOSS = "l1"        # "l1" (authors' code) or "smooth_l1" (paper, Eq. 2 and 5)
+    # The width-height head predicts log(w), log(h) in output cells (True) or w, h (False, paper
+    # and authors).
+    _C.WH_LOG_SPACE = False
     _C.TOPK_CENTERS = 500            # peaks kept after the 3x3 max-pool
     _C.SCORE_THRESH_TEST = 0.3       # minimum center score of a detection
 
@@ -55,7 +58,12 @@ def add_objguided_config(cfg: CN) -> None:
     _C.IMAGE_CONV_CHANNELS = 64      # channels of the stride-1 level
     _C.INSTANCE_NORM_AFFINE = False  # learnable gamma/eta of Eq. 6 (paper) or none (authors)
     _C.MASK_LOSS_WEIGHT = 2.0        # BCE on soft ROI masks; authors' weight
-    _C.MASK_THRESH_TEST = 0.53       # threshold of the pasted-back probabilities (authors' default)
+    _C.MASK_THRESH_TEST = 0.53       # threshold of the pasted-back masks (authors' default)
+    # Paste-back: True, each pixel is the weighted mean of the ROI samples splatted onto it, the
+    # canvas resized bilinearly to the original size; False, the authors' sum of the splatted
+    # votes (below the mean wherever samples lie more than a pixel apart), resized by nearest
+    # neighbour.
+    _C.PASTE_NORMALIZED = True
     _C.MASK_NMS_THRESH = 0.2         # mask IoU above which a lower-scored mask is suppressed
     # GT instances per training image that get a mask ROI; 0 = all of them (authors).
     _C.MAX_TRAIN_ROIS_PER_IMAGE = 0
@@ -91,6 +99,9 @@ def _add_input_config(cfg: CN) -> None:
     # both sides to it). Predictions always come back at the original resolution.
     _C.TEST_RESIZE = "fit"
     _C.MIN_INSTANCE_SIZE = 2         # instances whose box is thinner than this (pixels) are dropped
+    # After the augmentations, keep each mask's largest 4-connected component only (authors: True,
+    # with MIN_INSTANCE_SIZE 4) or every fragment of it in its mask and box (False).
+    _C.GT_LARGEST_COMPONENT = False
     # fmt: on
 
 

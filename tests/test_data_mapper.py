@@ -30,12 +30,15 @@ def make_record(path, image: np.ndarray, annotations=()) -> dict:
     }
 
 
-def make_mapper(augmentations, is_train=True, image_format="BGR", min_size=2):
+def make_mapper(
+    augmentations, is_train=True, image_format="BGR", min_size=2, largest_component=False
+):
     return BioDatasetMapper(
         is_train,
         augmentations=augmentations,
         image_format=image_format,
         min_instance_size=min_size,
+        largest_component=largest_component,
     )
 
 
@@ -197,6 +200,29 @@ def test_instances_cut_by_the_crop(tmp_path):
     assert instances.gt_masks.tensor.sum(dim=(1, 2)).tolist() == [10, 50]
     flipped = make_mapper([shift, T.HFlipTransform(64)])(record)["instances"]
     assert flipped.gt_boxes.tensor.tolist() == [[62, 15, 64, 20], [44, 35, 54, 40]]
+
+
+def test_largest_component_of_the_authors_keeps_the_main_fragment(tmp_path):
+    """A cell whose protrusion the crop cuts in two (body + a fragment past a gap): by default
+    both stay in its mask and box; with the authors' rule only the body stays, and with their
+    4 px minimum a 3 px wide object goes."""
+    cell = np.zeros((64, 64), bool)
+    cell[10:30, 10:30] = True  # body
+    cell[18:20, 30:40] = True  # protrusion
+    cell[18:20, 44:60] = True  # its far part, apart once the crop hides column 40..43
+    hidden = np.ones((64, 64), bool)
+    hidden[:, 40:44] = False
+    thin = np.zeros((64, 64), bool)
+    thin[40:50, 5:8] = True
+    annotations = [mask_to_annotation(cell & hidden), mask_to_annotation(thin, category_id=1)]
+    record = make_record(tmp_path / "cell.png", np.zeros((64, 64), np.uint8), annotations)
+    identity = ScaleShiftTransform(1.0, 1.0, 0.0, 0.0, 64, 64)
+
+    every = make_mapper([identity])(record)["instances"]
+    assert every.gt_boxes.tensor.tolist() == [[10, 10, 60, 30], [5, 40, 8, 50]]
+    authors = make_mapper([identity], min_size=4, largest_component=True)(record)["instances"]
+    assert authors.gt_boxes.tensor.tolist() == [[10, 10, 40, 30]]
+    assert authors.gt_masks.tensor[0].sum() == 20 * 20 + 2 * 10
 
 
 def test_crowd_annotations_are_ignored_and_polygons_read(tmp_path):

@@ -18,11 +18,10 @@ from objguided_d2.modeling.roi_crops import build_roi_pyramid, crop_masks
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _grid_positions(center, size, count, stride):
-    """Contract sample positions of one ROI axis, in level-map coordinates (reference)."""
+def _level0_positions(center, size, count):
+    """Level-0 sample positions of one ROI axis in pixel-index coordinates (reference)."""
     k = torch.arange(count, dtype=torch.float64)
-    x = center - size / 2 + k * size / (count - 1)
-    return (x + 0.5) / stride - 0.5
+    return center - size / 2 + k * size / (count - 1)
 
 
 def _shape_mask(kind, cx, cy, a, b, height, width, scale_y=1.0, scale_x=1.0):
@@ -60,12 +59,13 @@ def _crop_shapes(height, width):
     return masks, pyramid, crop_masks(masks, pyramid, pad)
 
 
-def _reference_canvas(probs, box, height, width):
-    """Normalized bilinear splat of one ROI's level-0 probabilities on the full canvas."""
+def _reference_canvas(probs, box, height, width, normalize=True):
+    """Bilinear splat of one ROI's level-0 probabilities on the full canvas, normalized by the
+    weights or not (the authors' votes)."""
     x1, y1, x2, y2 = box
     w, h = (x2 - x1) * 1.1, (y2 - y1) * 1.1
-    ys = _grid_positions((y1 + y2) / 2 - 0.5, h, int(h), 1).numpy()
-    xs = _grid_positions((x1 + x2) / 2 - 0.5, w, int(w), 1).numpy()
+    ys = _level0_positions((y1 + y2) / 2 - 0.5, h, int(h)).numpy()
+    xs = _level0_positions((x1 + x2) / 2 - 0.5, w, int(w)).numpy()
     y, x = np.meshgrid(ys, xs, indexing="ij")
     num, den = np.zeros((height, width)), np.zeros((height, width))
     for ty, wy in ((np.floor(y), 1 - (y - np.floor(y))), (np.floor(y) + 1, y - np.floor(y))):
@@ -74,6 +74,8 @@ def _reference_canvas(probs, box, height, width):
             at = (ty[inside].astype(int), tx[inside].astype(int))
             np.add.at(num, at, (probs.numpy() * wy * wx)[inside])
             np.add.at(den, at, (wy * wx)[inside])
+    if not normalize:
+        return torch.from_numpy(num)
     return torch.from_numpy(np.where(den > 0, num / np.maximum(den, 1e-300), 0.0))
 
 
@@ -252,3 +254,27 @@ def _random_windows(masks, generator):
         boxes=mask_to_boxes(masks),
         image_hw=(height, width),
     )
+
+
+@pytest.mark.parametrize("out_hw", [(384, 512), (780, 1040), (192, 256), (400, 300)])
+def test_paste_of_the_authors_thresholds_the_summed_votes_then_resizes_by_nearest(out_hw):
+    masks, pyramid, soft = _crop_shapes(384, 512)
+    boxes = BitMasks(masks).get_bounding_boxes().tensor
+    pasted = paste_mask_windows(
+        soft, pyramid, (384, 512), out_hw, threshold=0.53, normalize=False
+    ).to_masks()
+    rows = ((torch.arange(out_hw[0]) + 0.5) * 384 / out_hw[0]).floor().long()
+    cols = ((torch.arange(out_hw[1]) + 0.5) * 512 / out_hw[1]).floor().long()
+    for r in range(len(masks)):
+        h, w = pyramid.level_hw[r, 0].tolist()
+        votes = _reference_canvas(soft[r, 0, :h, :w].double(), boxes[r].tolist(), 384, 512, False)
+        undecided = (votes - 0.53).abs() < 1e-5
+        binary = votes >= 0.53
+        assert torch.equal(
+            pasted[r] & ~undecided[rows][:, cols], binary[rows][:, cols] & ~undecided[rows][:, cols]
+        ), r
+    if out_hw == (384, 512):
+        # the votes of samples spaced more than a pixel apart weigh less than one: the authors'
+        # masks lie inside the normalized ones
+        normalized = paste_mask_windows(soft, pyramid, (384, 512), threshold=0.53).to_masks()
+        assert not (pasted & ~normalized).any() and pasted.sum() < normalized.sum()

@@ -44,7 +44,8 @@ def make_heads(**kwargs) -> ObjGuidedROIHeads:
         in_features=list(CHANNELS),
         in_channels=list(CHANNELS.values()),
         in_strides=list(STRIDES.values()),
-        image_channels=3,
+        pixel_mean=[0.0] * 3,
+        pixel_std=[1.0] * 3,
         image_conv_channels=4,
         instance_norm_affine=True,
     )
@@ -155,7 +156,7 @@ def test_one_roi_reference_is_the_plain_module_computation():
     boxes, batch_index = all_rois()
     with torch.no_grad():
         reference, _, pyramid = per_roi_logits(heads, images, features, batch_rois=False)
-        level_maps = [heads.image_conv(images.tensor)] + [features[f] for f in CHANNELS]
+        level_maps = [heads.level0_map(images)] + [features[f] for f in CHANNELS]
         for index in range(len(boxes)):
             num_levels = int(pyramid.num_levels[index])
             if num_levels == 0:
@@ -372,7 +373,8 @@ def test_inference_pastes_each_proposal_mask_into_its_image(batch_rois):
         in_features=list(CHANNELS),
         in_channels=list(CHANNELS.values()),
         in_strides=list(STRIDES.values()),
-        image_channels=3,
+        pixel_mean=[0.0] * 3,
+        pixel_std=[1.0] * 3,
         mask_thresh_test=0.5,
         detections_per_image=3,
         batch_rois=batch_rois,
@@ -459,3 +461,16 @@ def test_polygon_ground_truth_is_refused_with_the_config_key():
     target.gt_masks = PolygonMasks([[[10, 10, 30, 10, 30, 30.0]]])
     with pytest.raises(TypeError, match="INPUT.MASK_FORMAT 'bitmask'"):
         heads(images, features, [], [target, empty_target(IMAGE_SIZES[1])])
+
+
+def test_image_conv_reads_the_image_at_the_authors_scale():
+    """The backbone's normalized input is undone for the level-0 image conv, which reads
+    x / 255 - 0.5 of the raw values x, whatever the backbone's normalization."""
+    mean, std = [103.53, 116.28, 123.675], [57.4, 57.1, 58.4]
+    heads = make_heads(pixel_mean=mean, pixel_std=std)
+    raw = torch.randint(0, 256, (1, 3, 16, 20)).float()
+    normalized = (raw - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    seen = []
+    heads.image_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    heads.level0_map(ImageList(normalized, [(16, 20)]))
+    torch.testing.assert_close(seen[0], raw / 255 - 0.5)

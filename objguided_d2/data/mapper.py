@@ -7,12 +7,13 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
+from scipy import ndimage
 
 from .formats import segmentation_to_rle
 from .image_io import read_image
 from .transforms import RandomSquareCrop, ResizeToInput
 
-__all__ = ["BioDatasetMapper", "build_bio_augmentations", "tight_boxes"]
+__all__ = ["BioDatasetMapper", "build_bio_augmentations", "largest_components", "tight_boxes"]
 
 # Masks are decoded at the original resolution a chunk at a time, to bound memory on large images
 # with hundreds of instances.
@@ -52,6 +53,18 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
+def largest_components(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool masks reduced each to its largest 4-connected component (the first in raster
+    order among equally large ones); empty masks stay empty."""
+    out = np.zeros_like(masks)
+    for index, (x1, y1, x2, y2) in enumerate(tight_boxes(masks).astype(int)):
+        labels, count = ndimage.label(masks[index, y1:y2, x1:x2])  # 4-connectivity
+        if count:
+            largest = np.bincount(labels.ravel())[1:].argmax() + 1
+            out[index, y1:y2, x1:x2] = labels == largest
+    return out
+
+
 class BioDatasetMapper:
     """Reads an image robustly, applies the augmentations, builds bitmask ground truth.
 
@@ -59,14 +72,22 @@ class BioDatasetMapper:
     RLE or polygon segmentations). Output: the dict without "annotations", plus
     "image": uint8 tensor (C, H', W') in ``image_format`` (C = 3 for "BGR"/"RGB", 1 for "L"), and
     in training "instances": Instances of size (H', W') with gt_boxes (Boxes, XYXY, tight boxes of
-    the masks), gt_classes (int64) and gt_masks (BitMasks). Instances whose box is under
+    the masks), gt_classes (int64) and gt_masks (BitMasks). With ``largest_component``, each
+    augmented mask keeps only its largest 4-connected component (the authors' code: a resized
+    thin protrusion falls apart into fragments). Instances whose box is under
     ``min_instance_size`` px in width or height after the augmentations are dropped; crowd
     annotations are ignored. "height"/"width" stay the original size, for mapping predictions back.
     """
 
     @configurable
     def __init__(
-        self, is_train: bool, *, augmentations: list, image_format: str, min_instance_size: int
+        self,
+        is_train: bool,
+        *,
+        augmentations: list,
+        image_format: str,
+        min_instance_size: int,
+        largest_component: bool = False,
     ):
         """
         Args:
@@ -75,11 +96,13 @@ class BioDatasetMapper:
                 transforms must accept (H, W, N) uint8 masks in ``apply_segmentation``.
             image_format: "BGR", "RGB" or "L".
             min_instance_size: minimal box width and height (px) of a kept instance.
+            largest_component: keep each mask's largest 4-connected component only.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.min_instance_size = min_instance_size
+        self.largest_component = largest_component
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
@@ -88,6 +111,7 @@ class BioDatasetMapper:
             "augmentations": build_bio_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
             "min_instance_size": cfg.INPUT.MIN_INSTANCE_SIZE,
+            "largest_component": cfg.INPUT.GT_LARGEST_COMPONENT,
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -125,6 +149,8 @@ class BioDatasetMapper:
             rles = [rle for rle, keep in zip(rles, inside) if keep]
             classes = classes[inside]
         masks = self._transform_masks(rles, transforms, original_size, output_size)
+        if self.largest_component:
+            masks = largest_components(masks)
         boxes = tight_boxes(masks)
         keep = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
         keep = keep >= self.min_instance_size

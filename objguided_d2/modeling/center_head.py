@@ -243,6 +243,7 @@ class CenterKeypointProposalGenerator(nn.Module):
         focal_beta: float = 4.0,
         loss_weights: dict[str, float] | None = None,
         regression_loss: str = "l1",
+        log_wh: bool = False,
         topk: int = 500,
         score_thresh: float = 0.3,
     ):
@@ -260,6 +261,8 @@ class CenterKeypointProposalGenerator(nn.Module):
             focal_alpha, focal_beta: exponents of :func:`center_focal_loss`.
             loss_weights: weights of "loss_heatmap", "loss_wh", "loss_offset" (missing: 1).
             regression_loss: "l1" or "smooth_l1" for width-height and offset.
+            log_wh: the width-height head predicts log(wh) (regressed against the log of the
+                targets, decoded with exp) instead of wh (the authors).
             topk: peaks decoded per image.
             score_thresh: minimum center score of a proposal.
         """
@@ -277,6 +280,7 @@ class CenterKeypointProposalGenerator(nn.Module):
         self.focal_beta = focal_beta
         self.loss_weights = loss_weights or {}
         self.regression_loss = regression_loss
+        self.log_wh = log_wh
         self.topk = topk
         self.score_thresh = score_thresh
 
@@ -312,6 +316,7 @@ class CenterKeypointProposalGenerator(nn.Module):
                 "loss_offset": og.OFFSET_LOSS_WEIGHT,
             },
             "regression_loss": og.REGRESSION_LOSS,
+            "log_wh": og.WH_LOG_SPACE,
             "topk": og.TOPK_CENTERS,
             "score_thresh": og.SCORE_THRESH_TEST,
         }
@@ -381,10 +386,15 @@ class CenterKeypointProposalGenerator(nn.Module):
             "loss_heatmap": center_focal_loss(
                 heatmap_logits, targets.heatmap, self.focal_alpha, self.focal_beta
             ),
-            "loss_wh": self._regression_loss(wh, targets.index, targets.wh),
+            "loss_wh": self._regression_loss(wh, targets.index, self.wh_target(targets.wh)),
             "loss_offset": self._regression_loss(offset, targets.index, targets.offset),
         }
         return {name: loss * self.loss_weights.get(name, 1.0) for name, loss in losses.items()}
+
+    def wh_target(self, wh: torch.Tensor) -> torch.Tensor:
+        """What the width-height head regresses for (M, 2) sizes in output cells."""
+        # boxes are at least a pixel wide: the clamp only guards log(0) of degenerate input
+        return wh.clamp(min=1e-2).log() if self.log_wh else wh
 
     def _regression_loss(
         self, prediction: torch.Tensor, index: torch.Tensor, target: torch.Tensor
@@ -406,6 +416,8 @@ class CenterKeypointProposalGenerator(nn.Module):
         image_sizes: list[tuple[int, int]],
     ) -> list[Instances]:
         """Proposals whose center score exceeds ``score_thresh``, boxes clipped to each image."""
+        if self.log_wh:
+            wh = wh.float().exp()
         logits, classes, boxes = decode_centers(heatmap_logits, wh, offset, self.stride, self.topk)
         keep = logits.sigmoid() > self.score_thresh
         proposals = []

@@ -119,23 +119,29 @@ def paste_mask_windows(
     input_hw: Sequence[int],
     output_hw: Sequence[int] | None = None,
     threshold: float = 0.5,
+    normalize: bool = True,
     max_chunk_bytes: int = 1 << 28,
 ) -> MaskWindows:
     """Paste level-0 ROI probabilities back into the image as binary masks, each in its ROI's
     window of the image (:meth:`MaskWindows.to_masks` gives full-image masks).
 
-    Each ROI sample (position from the pyramid) splats p * w and w onto its 4 integer neighbours
-    with bilinear weights w; the canvas value is sum(p * w) / sum(w) (0 where nothing lands). When
-    ``output_hw`` differs, the soft canvas is resized bilinearly (align_corners=False,
-    x_out + 0.5 = (x_in + 0.5) * W / w per axis) before thresholding (value >= threshold).
-    Splatting and resizing are separable, so both run as batched matmuls on each ROI's window.
+    Each ROI sample (position from the pyramid) splats p * w onto its 4 integer neighbours with
+    bilinear weights w. With ``normalize``, the canvas value is sum(p * w) / sum(w) (0 where
+    nothing lands) and, when ``output_hw`` differs, the canvas is resized bilinearly
+    (align_corners=False, x_out + 0.5 = (x_in + 0.5) * W / w per axis); without, the canvas is
+    sum(p * w), the authors' vote, and it is resized by nearest neighbour (x_in = floor((x_out +
+    0.5) * w / W)), which thresholding first and resizing the binary mask would give. Pixels at
+    or above ``threshold`` are foreground. Splatting and resizing are separable, so both run as
+    batched matmuls on each ROI's window.
 
     Args:
         probs: (R, 1, Hp, Wp) level-0 ROI probabilities, ROI r valid in its level-0 (h, w).
         pyramid: the R ROIs (their boxes in the ``input_hw`` image).
         input_hw: (h, w) image the boxes refer to.
         output_hw: (H, W) size of the masks; default ``input_hw``.
-        threshold: probability at or above which a pixel is foreground.
+        threshold: canvas value at or above which a pixel is foreground.
+        normalize: divide the votes by their weights and resize bilinearly, or keep the summed
+            votes and resize by nearest neighbour (the authors).
         max_chunk_bytes: rough bound on the temporaries of one chunk of ROIs.
 
     Returns:
@@ -180,28 +186,14 @@ def paste_mask_windows(
             splat.append(tap_matrix(taps, weights, origin[:, axis], length))
         splat_y, splat_x = splat  # (R, Hp, win_h), (R, Wp, win_w)
         p = probs[start : start + chunk, 0].float()
-        numerator = splat_y.transpose(1, 2) @ p @ splat_x
-        denominator = splat_y.sum(dim=1)[:, :, None] * splat_x.sum(dim=1)[:, None, :]
-        soft = torch.where(denominator > 0, numerator / denominator.clamp(min=1e-30), 0.0)
+        soft = splat_y.transpose(1, 2) @ p @ splat_x
+        if normalize:
+            weights = splat_y.sum(dim=1)[:, :, None] * splat_x.sum(dim=1)[:, None, :]
+            soft = torch.where(weights > 0, soft / weights.clamp(min=1e-30), 0.0)
         if resize:
-            resample, res_origin = [], []
-            for axis, length, res_len, size_in, size_out in (
-                (0, win_h, res_h, in_h, out_h),
-                (1, win_w, res_w, in_w, out_w),
-            ):
-                scale = size_out / size_in
-                first_out = ((origin[:, axis] - 0.5) * scale - 0.5).floor().long()
-                o = first_out.clamp(min=0, max=size_out - res_len)
-                k = torch.arange(res_len, device=device, dtype=torch.float64)
-                src = (o[:, None] + k + 0.5) / scale - 0.5
-                lengths = torch.full_like(o[:, None], size_in)
-                taps, weights = linear_taps(
-                    src, lengths, torch.ones_like(src, dtype=torch.bool), True
-                )
-                resample.append(tap_matrix(taps, weights, origin[:, axis], length))
-                res_origin.append(o)
-            soft = resample[0] @ soft @ resample[1].transpose(1, 2)
-            origin = torch.stack(res_origin, dim=1)
+            soft, origin = _resize_windows(
+                soft, origin, (in_h, in_w), (out_h, out_w), (res_h, res_w), nearest=not normalize
+            )
         inside = soft >= threshold
         tight = mask_to_boxes(inside)
         nonempty = tight[:, 2:3] > tight[:, 0:1]
@@ -215,6 +207,39 @@ def paste_mask_windows(
         boxes=torch.cat(boxes),
         image_hw=(out_h, out_w),
     )
+
+
+def _resize_windows(
+    soft: torch.Tensor,
+    origin: torch.Tensor,
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    res_hw: tuple[int, int],
+    nearest: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize (R, h, w) canvas windows at ``origin`` (R, 2) (y, x) of an ``in_hw`` image to the
+    (R, *res_hw) windows of the ``out_hw`` image that hold them: the resized windows and their
+    origins. Bilinear (align_corners=False) or nearest neighbour."""
+    resized_axes, resized_origin = [], []
+    for axis in (0, 1):
+        size_in, size_out, res_len = in_hw[axis], out_hw[axis], res_hw[axis]
+        scale = size_out / size_in
+        first_out = ((origin[:, axis] - 0.5) * scale - 0.5).floor().long()
+        start = first_out.clamp(min=0, max=size_out - res_len)
+        k = torch.arange(res_len, device=soft.device, dtype=torch.float64)
+        if nearest:
+            src = (start[:, None] + k + 0.5) * size_in / size_out  # exact where it is whole
+            src = src.floor().long().clamp(max=size_in - 1)
+            taps = torch.stack((src, src))
+            weights = torch.stack((torch.ones_like(src), torch.zeros_like(src))).double()
+        else:
+            src = (start[:, None] + k + 0.5) / scale - 0.5
+            lengths = torch.full_like(start[:, None], size_in)
+            taps, weights = linear_taps(src, lengths, torch.ones_like(src, dtype=torch.bool), True)
+        resized_axes.append(tap_matrix(taps, weights, origin[:, axis], soft.shape[1 + axis]))
+        resized_origin.append(start)
+    resized = resized_axes[0] @ soft @ resized_axes[1].transpose(1, 2)
+    return resized, torch.stack(resized_origin, dim=1)
 
 
 def mask_to_boxes(masks: torch.Tensor) -> torch.Tensor:

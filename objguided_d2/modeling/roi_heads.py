@@ -86,13 +86,15 @@ class ObjGuidedROIHeads(nn.Module):
         in_features: Sequence[str],
         in_channels: Sequence[int],
         in_strides: Sequence[int],
-        image_channels: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
         image_conv_channels: int = 64,
         instance_norm_affine: bool = False,
         box_enlarge: float = 1.1,
         min_roi_size: float = 2.0,
         mask_loss_weight: float = 2.0,
         mask_thresh_test: float = 0.53,
+        paste_normalized: bool = True,
         mask_nms_thresh: float = 0.2,
         detections_per_image: int = 1000,
         max_train_rois_per_image: int = 0,
@@ -110,14 +112,19 @@ class ObjGuidedROIHeads(nn.Module):
             in_features: feature maps cropped at levels 1.. (shallowest first), e.g.
                 ["stem", "dec4", "dec8", "dec16"].
             in_channels, in_strides: their channels and strides (strides increasing, > 1).
-            image_channels: channels of the normalized input image (level 0 convolves it).
+            pixel_mean, pixel_std: the per-channel normalization of ``images`` (the backbone's
+                input); the level-0 image conv undoes it and reads x / 255 - 0.5 of the image's
+                values x, as the authors' code does.
             image_conv_channels: channels of the level-0 image conv (the authors' 64).
             instance_norm_affine: learnable gamma / eta in the S modules' instance norm (paper's
                 Eq. 6) or none (authors' code).
             box_enlarge: ROIs are the boxes scaled by this about their centre.
             min_roi_size: levels stop at the first whose ROI side is below this.
             mask_loss_weight: weight of the mask BCE.
-            mask_thresh_test: probability at or above which a pasted pixel is foreground.
+            mask_thresh_test: pasted value at or above which a pixel is foreground.
+            paste_normalized: paste the masks back as the weighted mean of their samples, resized
+                bilinearly, or as the authors' summed votes, resized by nearest neighbour (see
+                :func:`.mask_windows.paste_mask_windows`).
             mask_nms_thresh: mask IoU above which a lower-scored mask is suppressed.
             detections_per_image: most masks returned per image.
             max_train_rois_per_image: GT instances per image segmented in training, drawn at
@@ -143,6 +150,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.min_roi_size = min_roi_size
         self.mask_loss_weight = mask_loss_weight
         self.mask_thresh_test = mask_thresh_test
+        self.paste_normalized = paste_normalized
         self.mask_nms_thresh = mask_nms_thresh
         self.detections_per_image = detections_per_image
         self.max_train_rois_per_image = max_train_rois_per_image
@@ -155,8 +163,14 @@ class ObjGuidedROIHeads(nn.Module):
         self.batch_rois = batch_rois
         self.max_group_pixels = max_group_pixels
 
+        # The image conv reads (x * std + mean) / 255 - 0.5 of the normalized image x: values of
+        # order 1, as the instance-normed object guidance it is fused with in S0.
+        level0_scale = torch.tensor(pixel_std, dtype=torch.float32) / 255
+        level0_shift = torch.tensor(pixel_mean, dtype=torch.float32) / 255 - 0.5
+        self.register_buffer("level0_scale", level0_scale.view(-1, 1, 1), persistent=False)
+        self.register_buffer("level0_shift", level0_shift.view(-1, 1, 1), persistent=False)
         self.image_conv = nn.Sequential(
-            nn.Conv2d(image_channels, image_conv_channels, 3, padding=1),
+            nn.Conv2d(len(pixel_mean), image_conv_channels, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(image_conv_channels, image_conv_channels, 3, padding=1),
             nn.ReLU(inplace=True),
@@ -182,13 +196,15 @@ class ObjGuidedROIHeads(nn.Module):
             "in_features": og.ROI_FEATURES,
             "in_channels": [input_shape[f].channels for f in og.ROI_FEATURES],
             "in_strides": [input_shape[f].stride for f in og.ROI_FEATURES],
-            "image_channels": len(cfg.MODEL.PIXEL_MEAN),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
             "image_conv_channels": og.IMAGE_CONV_CHANNELS,
             "instance_norm_affine": og.INSTANCE_NORM_AFFINE,
             "box_enlarge": og.BOX_ENLARGE,
             "min_roi_size": og.MIN_ROI_SIZE,
             "mask_loss_weight": og.MASK_LOSS_WEIGHT,
             "mask_thresh_test": og.MASK_THRESH_TEST,
+            "paste_normalized": og.PASTE_NORMALIZED,
             "mask_nms_thresh": og.MASK_NMS_THRESH,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "max_train_rois_per_image": og.MAX_TRAIN_ROIS_PER_IMAGE,
@@ -355,9 +371,11 @@ class ObjGuidedROIHeads(nn.Module):
         return self.seg_predictor(hidden * valid) * valid
 
     def level0_map(self, images: ImageList) -> torch.Tensor:
-        """(N, C0, H, W) level-0 map: the image conv at stride 1, channels-last (its convolutions
-        run faster so on a CPU, and the crops' gathers read it as it is)."""
-        return self.image_conv(images.tensor.contiguous(memory_format=torch.channels_last))
+        """(N, C0, H, W) level-0 map: the image conv at stride 1 on the image at the authors'
+        scale, channels-last (its convolutions run faster so on a CPU, and the crops' gathers read
+        it as it is)."""
+        image = images.tensor * self.level0_scale + self.level0_shift
+        return self.image_conv(image.contiguous(memory_format=torch.channels_last))
 
     # ---------------------------------------------------------------------------------------
     # Training
@@ -518,6 +536,7 @@ class ObjGuidedROIHeads(nn.Module):
                             input_hw,
                             output_hw,
                             threshold=self.mask_thresh_test,
+                            normalize=self.paste_normalized,
                         )
                     )
             if not windows:  # no ROI in this image
