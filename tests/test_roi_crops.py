@@ -3,6 +3,8 @@
 
 import pytest
 import torch
+from detectron2.modeling import build_backbone
+from helpers import objguided_cfg
 
 from objguided_d2.modeling.roi_crops import (
     build_roi_pyramid,
@@ -48,7 +50,7 @@ def test_pyramid_subset_and_custom_levels():
     assert len(sub) == 1 and sub.level_hw.tolist() == [[[20, 40], [5, 10]]]
 
 
-def test_crop_of_linear_ramp_is_exact_with_half_pixel_mapping():
+def test_crop_of_linear_ramp_is_exact_at_the_cell_positions():
     # f(u, v) = 3 + 2u - v is reproduced exactly by bilinear sampling inside the map
     height, width = 40, 50  # a stride-4 map of a 160 x 200 input
     v, u = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
@@ -59,9 +61,9 @@ def test_crop_of_linear_ramp_is_exact_with_half_pixel_mapping():
     crops, valid = crop_rois(feature, torch.tensor([0]), pyramid, 2, (25, 20))
     h, w = pyramid.level_hw[0, 2].tolist()
     assert (h, w) == (22, 16)
-    # stride 4: u = (x + 0.5) / 4 - 0.5 with x_k = 69.5 - 33 + k * 66 / 15
-    uk = (69.5 - 33 + torch.arange(w, dtype=torch.float64) * 66 / 15 + 0.5) / 4 - 0.5
-    vk = (69.5 - 44 + torch.arange(h, dtype=torch.float64) * 88 / 21 + 0.5) / 4 - 0.5
+    # stride 4: u = x / 4 with x_k = 69.5 - 33 + k * 66 / 15
+    uk = (69.5 - 33 + torch.arange(w, dtype=torch.float64) * 66 / 15) / 4
+    vk = (69.5 - 44 + torch.arange(h, dtype=torch.float64) * 88 / 21) / 4
     expected = 3.0 + 2.0 * uk[None, :] - vk[:, None]
     assert torch.allclose(crops[0, 0, :h, :w].double(), expected, atol=1e-4)
     assert torch.allclose(crops[0, 1, :h, :w].double(), -expected, atol=1e-4)
@@ -222,3 +224,51 @@ def test_group_rois_without_kept_rois():
     pyramid = build_roi_pyramid(torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
     assert group_rois(pyramid) == []
     assert group_rois(build_roi_pyramid(torch.zeros(0, 4))) == []
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_crops_read_each_level_where_the_backbone_puts_an_input_pixel(depth):
+    """Trace one bright pixel through the backbone with positive averaging weights (every layer
+    then moves the pixel's response without reshaping it) and find the centroid of its response
+    at each cropped level. The stem puts input pixel x exactly at u = x / s, where the crops
+    read it; the decoder's maps add upsampled deeper maps, which F.interpolate's half-pixel
+    convention moves further down-right, so their centroid lies at or beyond x / s, never on the
+    up-left side where a (x + 0.5) / s - 0.5 crop would read."""
+    cfg = objguided_cfg(depth, compact=depth == 18)
+    backbone = build_backbone(cfg).eval()
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.fill_(1.0 / module.weight[0].numel())
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif hasattr(module, "running_var"):  # batch norm as the identity
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        pixel = (253.0, 258.0)  # (y, x)
+        image = torch.zeros(1, 3, 512, 512)
+        image[0, :, int(pixel[0]), int(pixel[1])] = 1.0
+        response = backbone(image)
+        background = backbone(torch.zeros_like(image))
+    # a 63 px box centred on the pixel: odd sample counts (63, 31, 15, 7, 3), whose middle
+    # sample at each level is the pixel itself
+    y, x = pixel
+    pyramid = build_roi_pyramid(torch.tensor([[x - 31, y - 31, x + 32, y + 32]]), enlarge=1.0)
+    for level, name in enumerate(["stem", "dec4", "dec8", "dec16"], start=1):
+        stride = backbone.output_shape()[name].stride
+        energy = (response[name] - background[name]).sum(dim=1)[0].double()
+        centroid = [
+            (energy.sum(dim=1 - axis) * torch.arange(energy.shape[axis])).sum() / energy.sum()
+            for axis in (0, 1)
+        ]
+        # where the crops read the pixel: the middle sample at this level
+        (ys, _), (xs, _) = pyramid.positions(level, pyramid.level_hw[0, level].tolist())
+        read = (ys[0, ys.shape[1] // 2].item(), xs[0, xs.shape[1] // 2].item())
+        for axis in (0, 1):
+            assert read[axis] == pytest.approx(pixel[axis] / stride)
+            if name == "stem":
+                assert centroid[axis].item() == pytest.approx(read[axis], abs=1e-6)
+            else:
+                assert centroid[axis].item() >= read[axis] - 1e-6, (name, axis)

@@ -6,8 +6,10 @@ Coordinates
     Boxes are XYXY in detectron2's continuous pixel coordinates (pixel k spans [k, k + 1]).
     Sample positions are in pixel-index coordinates (pixel k is centred on k), so a box's centre
     is ((x1 + x2) / 2 - 0.5, (y1 + y2) / 2 - 0.5). Cell j of a stride-s feature map is centred on
-    input pixel (j + 0.5) * s - 0.5, i.e. input position x reads the map at u = (x + 0.5) / s - 0.5
-    (bilinear, zero outside the map).
+    input pixel s * j, i.e. input position x reads the map at u = x / s (bilinear, zero outside
+    the map), as the authors crop: ResNet's padded, odd-kernel, strided convolutions and max-pool
+    centre their cell j on input pixel s * j, which tests/test_roi_crops.py checks by tracing one
+    bright pixel through the backbone (the decoder's upsampled parts lie further down-right).
 
 ROI pyramid
     An ROI is its box scaled by ``enlarge`` about the centre: (w', h'). Level i (stride s_i) samples
@@ -93,7 +95,7 @@ class RoiPyramid:
         """Sample positions of every ROI at ``level`` in that level's map coordinates.
 
         Returns ((y (R, Hp), y_valid (R, Hp)), (x (R, Wp), x_valid (R, Wp))): float64 positions
-        u = (x + 0.5) / s - 0.5 of x_k = c - size / 2 + k * size / (n - 1); padded entries
+        u = x / s of x_k = c - size / 2 + k * size / (n - 1); padded entries
         invalid.
         """
         stride = self.strides[level]
@@ -104,7 +106,7 @@ class RoiPyramid:
             size = self.sizes[:, axis, None]
             step = size / (count[:, None] - 1).clamp(min=1)
             pos = self.centers[:, axis, None] - size / 2 + k * step
-            axes.append(((pos + 0.5) / stride - 0.5, k < count[:, None]))
+            axes.append((pos / stride, k < count[:, None]))
         return axes[0], axes[1]
 
 
