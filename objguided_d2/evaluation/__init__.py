@@ -6,6 +6,7 @@ Not imported by ``import objguided_d2``; ``from objguided_d2.evaluation import .
 """
 
 from .bio_metrics import ImageStatistics, paint_by_score, paint_by_score_rles, summarize
+from .detector_diagnostics import diagnose_detector, summarize_detections
 from .evaluator import BiologyEvaluator, PaperAPEvaluator
 from .matching import box_iou, encode_masks, mask_iou
 from .paper_ap import IOU_THRESHOLDS, PrecisionRecall, pooled_average_precision
@@ -17,10 +18,12 @@ __all__ = [
     "PaperAPEvaluator",
     "PrecisionRecall",
     "box_iou",
+    "diagnose_detector",
     "encode_masks",
     "mask_iou",
     "paint_by_score",
     "paint_by_score_rles",
     "pooled_average_precision",
     "summarize",
+    "summarize_detections",
 ]

@@ -1,0 +1,142 @@
+"""Where an ObjGuided model's detections go wrong: does the center heatmap fire on each object, and
+are the decoded boxes the objects' size?
+
+For every ground-truth object of a dataset (boxes scaled to the network input, as the test mapper
+resizes the image):
+
+* its *center peak*: the highest center score in the 3 x 3 output cells around the cell that
+  carries its center (the heatmap target's peak);
+* its *matched detection*: the detection (score at least the threshold) of highest box IoU with it,
+  if that IoU exceeds 0.5, whose width and height are compared with the object's.
+
+Summaries: center recall (share of objects whose center peak reaches the threshold), detections
+and objects per image, and the median predicted / true width and height over matched objects, in
+all and per object size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.structures import Boxes, BoxMode, pairwise_iou
+
+__all__ = ["SIZE_BINS", "diagnose_detector", "summarize_detections"]
+
+# Object sizes (sqrt of the box area, network-input pixels) the size ratios are reported for.
+SIZE_BINS = (0, 20, 40, 80, float("inf"))
+
+
+@torch.no_grad()
+def diagnose_detector(
+    model: torch.nn.Module, inputs: Iterable[tuple[dict, dict]], score_thresh: float
+) -> dict:
+    """Per-object measurements of an ObjGuidedSegmentor's detector, summarized.
+
+    Args:
+        model: an ObjGuidedSegmentor in eval mode.
+        inputs: (dataset record, test-mapper output) pairs.
+        score_thresh: center score a detection needs.
+
+    Returns:
+        :func:`summarize_detections` of the per-object measurements.
+    """
+    generator = model.proposal_generator
+    peaks, gt_sizes, pred_sizes, detections = [], [], [], []
+    for record, mapped in inputs:
+        images = model.preprocess_image([mapped])
+        features = model.backbone(images.tensor)
+        heatmap, wh, offset = generator.predict_maps(features[generator.in_feature])
+        (proposals,) = generator.decode(heatmap, wh, offset, images.image_sizes)
+        height, width = images.image_sizes[0]
+        gt = _input_boxes(record, (height, width))
+        kept = proposals[proposals.objectness_logits.sigmoid() >= score_thresh]
+        detections.append(len(kept))
+        peaks.append(_center_peaks(heatmap.sigmoid().amax(dim=1)[0], gt, generator.stride))
+        gt_sizes.append(gt[:, 2:] - gt[:, :2])
+        pred_sizes.append(_matched_sizes(gt, kept.proposal_boxes.tensor))
+    return summarize_detections(
+        torch.cat(peaks), torch.cat(gt_sizes), torch.cat(pred_sizes), detections, score_thresh
+    )
+
+
+def _input_boxes(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
+    """(G, 4) XYXY ground-truth boxes of a record, scaled to the network input."""
+    boxes = [
+        BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+        for a in record["annotations"]
+        if not a.get("iscrowd", 0)
+    ]
+    scale = torch.tensor([input_hw[1] / record["width"], input_hw[0] / record["height"]] * 2)
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
+
+
+def _center_peaks(heatmap: torch.Tensor, boxes: torch.Tensor, stride: int) -> torch.Tensor:
+    """(G,) highest score of the (H, W) heatmap in the 3 x 3 cells around each box's center cell."""
+    pooled = F.max_pool2d(heatmap[None, None], 3, stride=1, padding=1)[0, 0]
+    centers = ((boxes[:, :2] + boxes[:, 2:]) / 2 / stride).floor().long()
+    x = centers[:, 0].clamp(0, heatmap.shape[1] - 1)
+    y = centers[:, 1].clamp(0, heatmap.shape[0] - 1)
+    return pooled[y, x]
+
+
+def _matched_sizes(gt: torch.Tensor, detections: torch.Tensor) -> torch.Tensor:
+    """(G, 2) width, height of each object's best-IoU detection if IoU > 0.5, else NaN."""
+    sizes = torch.full((len(gt), 2), float("nan"))
+    if len(gt) and len(detections):
+        iou = pairwise_iou(Boxes(gt), Boxes(detections))
+        best_iou, best = iou.max(dim=1)
+        matched = best_iou > 0.5
+        sizes[matched] = (detections[:, 2:] - detections[:, :2])[best[matched]]
+    return sizes
+
+
+def summarize_detections(
+    peaks: torch.Tensor,
+    gt_sizes: torch.Tensor,
+    pred_sizes: torch.Tensor,
+    detections: Sequence[int],
+    score_thresh: float,
+) -> dict:
+    """Summary of per-object measurements.
+
+    Args:
+        peaks: (G,) center peak of every object.
+        gt_sizes, pred_sizes: (G, 2) width, height of every object and of its matched detection
+            (NaN where none matched).
+        detections: the number of detections of each image.
+        score_thresh: the score threshold the measurements used.
+
+    Returns:
+        {"objects", "images", "detections_per_image", "objects_per_image", "center_recall",
+        "matched", "median_width_ratio", "median_height_ratio", "by_size": [{"size": (lo, hi),
+        "objects", "matched", "median_width_ratio", "median_height_ratio"}, ...]}.
+    """
+    ratios = (pred_sizes / gt_sizes).numpy()
+    side = gt_sizes.prod(dim=1).sqrt().numpy()
+
+    def ratio_summary(rows: np.ndarray) -> dict:
+        matched = rows & ~np.isnan(ratios[:, 0])
+        medians = np.median(ratios[matched], axis=0) if matched.any() else [np.nan, np.nan]
+        return {
+            "objects": int(rows.sum()),
+            "matched": int(matched.sum()),
+            "median_width_ratio": float(medians[0]),
+            "median_height_ratio": float(medians[1]),
+        }
+
+    every = np.ones(len(side), bool)
+    return {
+        "score_thresh": score_thresh,
+        "images": len(detections),
+        "detections_per_image": float(np.mean(detections)) if detections else 0.0,
+        "objects_per_image": len(side) / max(len(detections), 1),
+        "center_recall": float((peaks >= score_thresh).float().mean()) if len(peaks) else 0.0,
+        **ratio_summary(every),
+        "by_size": [
+            {"size": (lo, hi), **ratio_summary((side >= lo) & (side < hi))}
+            for lo, hi in zip(SIZE_BINS[:-1], SIZE_BINS[1:])
+        ],
+    }

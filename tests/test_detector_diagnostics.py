@@ -1,0 +1,77 @@
+"""Detector diagnostics: center recall and size ratios on a model whose maps are the targets."""
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from helpers import objguided_cfg, render
+from PIL import Image
+
+from objguided_d2.data import BioDatasetMapper
+from objguided_d2.data.formats import mask_to_annotation
+from objguided_d2.evaluation import diagnose_detector, summarize_detections
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def squares_record(tmp_path, sides) -> dict:
+    """A 128 x 128 image of squares of the given sides on a row, as a dataset record."""
+    masks = np.zeros((len(sides), 128, 128), bool)
+    x = 4
+    for mask, side in zip(masks, sides):
+        mask[40 : 40 + side, x : x + side] = True
+        x += side + 6
+    path = tmp_path / "squares.png"
+    Image.fromarray(render(masks, [200] * len(sides), seed=0)[0].numpy()).save(path)
+    annotations = [mask_to_annotation(m) for m in masks]
+    return {"file_name": str(path), "height": 128, "width": 128, "image_id": 0,
+            "annotations": annotations}  # fmt: skip
+
+
+def test_a_detector_that_predicts_its_targets_finds_every_object_at_its_size(tmp_path):
+    cfg = objguided_cfg(compact=True, opts=["INPUT.IMAGE_SIZE", 128])
+    model = build_model(cfg).eval()
+    record = squares_record(tmp_path, [10, 16, 30, 50])
+    generator = model.proposal_generator
+    boxes = torch.tensor([a["bbox"] for a in record["annotations"]])
+    boxes[:, 2:] += boxes[:, :2]
+    targets = generator.encode([_instances(boxes)], (1, 1, 32, 32))
+    maps = []
+    for values in (generator.wh_target(targets.wh), targets.offset):
+        dense = torch.zeros(32 * 32, 2)
+        dense[targets.index] = values
+        maps.append(dense.view(1, 32, 32, 2).permute(0, 3, 1, 2))
+    heat = torch.logit(targets.heatmap.clamp(1e-4, 1 - 1e-4))
+    generator.predict_maps = lambda features: (heat, *maps)
+    mapper = BioDatasetMapper(cfg, is_train=False)
+
+    summary = diagnose_detector(model, [(record, mapper(record))], score_thresh=0.3)
+
+    assert summary["images"] == 1 and summary["objects"] == 4 and summary["matched"] == 4
+    assert summary["detections_per_image"] == 4 and summary["center_recall"] == 1.0
+    assert summary["median_width_ratio"] == pytest.approx(1.0)
+    assert [row["objects"] for row in summary["by_size"]] == [2, 1, 1, 0]
+
+
+def _instances(boxes):
+    instances = Instances((128, 128))
+    instances.gt_boxes = Boxes(boxes)
+    instances.gt_classes = torch.zeros(len(boxes), dtype=torch.int64)
+    return instances
+
+
+def test_summary_of_undersized_and_missed_objects():
+    peaks = torch.tensor([0.9, 0.5, 0.1, 0.4])
+    gt_sizes = torch.tensor([[10.0, 10.0], [30.0, 20.0], [50.0, 50.0], [100.0, 100.0]])
+    nan = float("nan")
+    pred_sizes = torch.tensor([[9.0, 8.0], [27.0, 18.0], [nan, nan], [90.0, 95.0]])
+    summary = summarize_detections(peaks, gt_sizes, pred_sizes, [3, 1], score_thresh=0.3)
+    assert summary["center_recall"] == 0.75
+    assert (summary["objects"], summary["matched"]) == (4, 3)
+    assert summary["objects_per_image"] == 2 and summary["detections_per_image"] == 2
+    assert summary["median_width_ratio"] == pytest.approx(0.9)
+    assert summary["median_height_ratio"] == pytest.approx(0.9)
+    by_size = {row["size"]: row for row in summary["by_size"]}
+    assert by_size[(0, 20)]["median_height_ratio"] == pytest.approx(0.8)
+    assert by_size[(40, 80)]["matched"] == 0

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Diagnose a trained ObjGuided model's center-keypoint detector on a registered dataset.
+
+    tools/diagnose_detector.py --config-file configs/compact/dsb2018_objguided.yaml \
+        --weights output/compact/dsb2018_objguided/model_final.pth --dataset dsb2018_val
+
+Prints, and writes as JSON with ``--output``: detections and objects per image, the share of
+objects whose center the heatmap finds (center recall), and how the sizes of the detections that
+match an object (box IoU > 0.5) compare with the object's, in all and per object size (see
+:mod:`objguided_d2.evaluation.detector_diagnostics`). A detection counts from
+``--score-thresh`` (default: the model's MODEL.OBJGUIDED.SCORE_THRESH_TEST).
+"""
+
+import argparse
+import json
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+
+from objguided_d2.data import BioDatasetMapper
+from objguided_d2.engine import load_config
+from objguided_d2.evaluation import diagnose_detector
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, help="an ObjGuided config")
+    parser.add_argument("--weights", required=True, help="checkpoint to load")
+    parser.add_argument("--dataset", required=True, help="a registered dataset with annotations")
+    parser.add_argument("--score-thresh", type=float, default=None, help="detection threshold")
+    parser.add_argument("--output", default=None, help="JSON file for the summary")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
+    if cfg.MODEL.META_ARCHITECTURE != "ObjGuidedSegmentor":
+        raise SystemExit(f"{args.config_file} is not an ObjGuided config")
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(args.weights)
+    model.eval()
+    mapper = BioDatasetMapper(cfg, is_train=False)
+    records = DatasetCatalog.get(args.dataset)
+    thresh = (
+        cfg.MODEL.OBJGUIDED.SCORE_THRESH_TEST if args.score_thresh is None else args.score_thresh
+    )
+    summary = diagnose_detector(model, ((r, mapper(r)) for r in records), thresh)
+    print(
+        f"{args.dataset}: {summary['images']} images, {summary['objects_per_image']:.1f} objects "
+        f"and {summary['detections_per_image']:.1f} detections (score >= {thresh}) per image; "
+        f"center recall {summary['center_recall']:.3f}"
+    )
+    print("object size (px) | objects | matched | median pred/true width | height")
+    for row in [{"size": ("all", ""), **summary}] + summary["by_size"]:
+        lo, hi = row["size"]
+        print(
+            f"{lo}-{hi} | {row['objects']} | {row['matched']} | "
+            f"{row['median_width_ratio']:.3f} | {row['median_height_ratio']:.3f}"
+        )
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
