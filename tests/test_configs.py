@@ -22,7 +22,22 @@ from objguided_d2.engine import (
 )
 
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
+# The ablations differ from their dataset's config in MODEL.OBJGUIDED.REFINE only (checked below),
+# so building one model per dataset's config covers them.
+BUILT_CONFIGS = [path for path in CONFIGS if path.parent.name != "ablations"]
 PAPER_DATASETS = ("dsb2018", "plant", "neural")
+# The paper's Table I "W.O. Refine" and Table II rows: (enabled, sampling, k, beta); the default
+# configs are Table II's Moderately Biased (biased, 3, 0.75).
+PAPER_ABLATIONS = {
+    "no_refine": (False, "biased", 3.0, 0.75),
+    "uniform_small": (True, "uniform", 1.0, 1.0),
+    "biased_small": (True, "biased", 1.0, 0.5),
+    "uniform": (True, "uniform", 3.0, 3.0),
+    "mildly_biased": (True, "biased", 3.0, 2.0),
+    "slightly_biased": (True, "biased", 3.0, 1.0),
+    "greatly_biased": (True, "biased", 5.0, 0.75),
+    "heavily_biased": (True, "biased", 10.0, 0.75),
+}
 IMAGENET_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 
 
@@ -57,13 +72,36 @@ def test_config_base_stays_inside_the_repo(path):
         assert resolved.is_file() and CONFIG_DIR in resolved.parents, f"{path}: _BASE_ {base}"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+@pytest.mark.parametrize("path", BUILT_CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_every_config_builds_its_model_on_cpu(path):
     # Nothing is downloaded: ImageNet weights are named in the configs, not loaded by build_model.
     cfg = load_config(str(path), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     assert cfg.INPUT.MASK_FORMAT == "bitmask"
+
+
+@pytest.mark.parametrize("dataset", PAPER_DATASETS)
+def test_ablation_configs_are_the_papers_refinement_rows(dataset):
+    base = _config(f"{dataset}_objguided.yaml")
+    assert _refine(base) == (True, "biased", 3.0, 0.75)
+    shipped = sorted(CONFIG_DIR.glob(f"ablations/{dataset}_objguided_*.yaml"))
+    assert [p.stem.removeprefix(f"{dataset}_objguided_") for p in shipped] == sorted(
+        PAPER_ABLATIONS
+    )
+    for path in shipped:
+        cfg = load_config(str(path), ["MODEL.DEVICE", "cpu"])
+        assert _refine(cfg) == PAPER_ABLATIONS[path.stem.removeprefix(f"{dataset}_objguided_")]
+        assert cfg.OUTPUT_DIR == f"output/ablations/{path.stem}"
+        # everything else is the dataset's config
+        cfg.defrost()
+        cfg.MODEL.OBJGUIDED.REFINE, cfg.OUTPUT_DIR = base.MODEL.OBJGUIDED.REFINE, base.OUTPUT_DIR
+        assert cfg == base, path.name
+
+
+def _refine(cfg) -> tuple:
+    refine = cfg.MODEL.OBJGUIDED.REFINE
+    return (refine.ENABLED, refine.SAMPLING, refine.OVERSAMPLE_RATIO, refine.IMPORTANCE_RATIO)
 
 
 @pytest.mark.parametrize("dataset", PAPER_DATASETS)
