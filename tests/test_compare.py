@@ -97,3 +97,22 @@ def test_a_path_with_an_equals_sign_is_not_split_into_a_name(tmp_path):
     write_run(tmp_path / "lr=0.001", "neural_val", "ObjGuided", OBJGUIDED, 80.0)
     run = compare.load_run(str(tmp_path / "lr=0.001"), None)
     assert run["name"] == "ObjGuided" and run["paper"]["metrics"]["APseg_per_iou"]["0.50"] == 80.0
+
+
+def test_runs_of_one_name_are_repetitions_summarized_by_mean_and_spread(tmp_path):
+    compare = load_tool("compare")
+    for seed, (apseg, aji) in enumerate([(50.0, 60.0), (54.0, 62.0), (46.0, 58.0)]):
+        results = {"paper": {"APseg": apseg}, "bio": {"AJI": aji}}
+        write_run(tmp_path / f"og{seed}", "neural_val", "ObjGuided", results, 80.0 + seed)
+    write_run(tmp_path / "pr", "neural_val", "PointRend", {"paper": {"APseg": 40.0}}, 60.0)
+    output = tmp_path / "cmp"
+    specs = [f"ObjGuided={tmp_path / f'og{seed}'}" for seed in range(3)] + [str(tmp_path / "pr")]
+    assert compare.main([*specs, "--output", str(output)]) == 0
+    lines = (output / "comparison.md").read_text().splitlines()
+    assert lines[0] == "| method | dataset | runs | APseg | AJI |"
+    assert lines[2] == "| ObjGuided | neural_val | 3 | 50.00 ± 4.00 | 60.00 ± 2.00 |"
+    assert lines[3] == "| PointRend | neural_val | 1 | 40.00 | - |"
+    # and every run below
+    second = f"| ObjGuided ({specs[1]}) | neural_val | 54.00 | 62.00 |"
+    assert lines[lines.index("Every run:") + 5] == second
+    assert cv2.imread(str(output / "ap_vs_iou.png")) is not None

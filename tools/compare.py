@@ -5,21 +5,27 @@
         --output output/neural_comparison
     tools/compare.py "ObjGuided R-18=output/a" "ObjGuided R-50=output/b" --output cmp/
 
+    tools/compare.py ObjGuided=out/og_s1 ObjGuided=out/og_s2 \
+        PointRend=out/pr_s1 PointRend=out/pr_s2 --output cmp/
+
 Each run is ``[NAME=]PATH``; PATH is a training OUTPUT_DIR (``--dataset`` picks among its
 evaluated datasets when there are several), an OUTPUT_DIR/inference/<dataset> folder, or the
 ``evaluation.json`` that ``tools/train_net.py`` writes there. NAME defaults to the method the run
-evaluated. Writes to ``--output``:
+evaluated. Runs given the same NAME are repetitions of one method (e.g. seeds): they share a row
+that shows their mean and sample standard deviation. Writes to ``--output``:
 
 * ``comparison.md``: the paper's AP (APseg, APseg50, APseg75, APdet), COCO mask and box AP and the
   biology metrics (AJI, PQ, SQ, RQ, precision, recall, F1 at IoU 0.5, counting error; SBD on leaf
-  datasets), one row per method;
-* ``ap_vs_iou.png``: paper-style mask and box AP against the IoU threshold (the paper's Fig. 5);
+  datasets), one row per method; with repetitions, a second table with every run;
+* ``ap_vs_iou.png``: paper-style mask and box AP against the IoU threshold (the paper's Fig. 5),
+  for repetitions their mean with the band from the lowest to the highest run;
 * ``pr_curves.png``: mask precision-recall curves at IoU 0.5 and 0.75, one panel row per class.
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import matplotlib
@@ -105,23 +111,36 @@ def load_run(spec: str, dataset: str | None) -> dict:
     }
 
 
-def markdown_table(runs: list[dict]) -> str:
-    """One row per run, the COLUMNS that at least one run has; missing values show as "-"."""
+def _value(run: dict, task: str, metric: str):
+    return run["results"].get(task, {}).get(metric)
 
-    def value(run, task, metric):
-        return run["results"].get(task, {}).get(metric)
 
-    columns = [c for c in COLUMNS if any(value(run, *c[1:]) is not None for run in runs)]
+def markdown_table(groups: list[list[dict]]) -> str:
+    """One row per method (a group of runs of one name), the COLUMNS that at least one run has:
+    the value of a single run, or the mean +- sample standard deviation of repetitions (over the
+    runs that have the metric); missing values show as "-"."""
+    runs = [run for group in groups for run in group]
+    columns = [c for c in COLUMNS if any(_value(run, *c[1:]) is not None for run in runs)]
+    repeated = any(len(group) > 1 for group in groups)
     lines = [
-        "| method | dataset | " + " | ".join(title for title, _, _ in columns) + " |",
-        "|---|---|" + "---:|" * len(columns),
+        "| method | dataset | "
+        + ("runs | " if repeated else "")
+        + " | ".join(title for title, _, _ in columns)
+        + " |",
+        "|---|---|" + ("---:|" if repeated else "") + "---:|" * len(columns),
     ]
-    for run in runs:
-        cells = []
+    for group in groups:
+        cells = [str(len(group))] if repeated else []
         for _, task, metric in columns:
-            v = value(run, task, metric)
-            cells.append("-" if v is None else f"{v:.2f}")
-        lines.append(f"| {run['name']} | {run['dataset']} | " + " | ".join(cells) + " |")
+            values = [v for v in (_value(run, task, metric) for run in group) if v is not None]
+            if not values:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.2f}")
+            else:
+                cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}")
+        dataset = ", ".join(dict.fromkeys(run["dataset"] for run in group))
+        lines.append(f"| {group[0]['name']} | {dataset} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,26 +153,35 @@ def save_with_legend(figure, axis, path: str) -> None:
     plt.close(figure)
 
 
-def plot_ap_vs_iou(runs: list[dict], path: str) -> None:
-    """Paper-style AP of masks and boxes against the IoU threshold, one line per run."""
+def plot_ap_vs_iou(groups: list[list[dict]], path: str) -> None:
+    """Paper-style AP of masks and boxes against the IoU threshold, one line per method: the mean
+    of its runs, with the band between their lowest and highest AP."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
     for axis, kind, title in zip(axes, ("seg", "det"), ("masks (APseg)", "boxes (APdet)")):
-        for run in runs:
-            if run["paper"] is None:
+        for group in groups:
+            reports = [run["paper"] for run in group if run["paper"] is not None]
+            if not reports:
                 continue
-            per_iou = run["paper"]["metrics"][f"AP{kind}_per_iou"]
-            thresholds = [float(t) for t in per_iou]
-            ap = [float("nan") if v is None else v for v in per_iou.values()]
-            axis.plot(thresholds, ap, marker="o", label=run["name"])
+            per_iou = [report["metrics"][f"AP{kind}_per_iou"] for report in reports]
+            thresholds = [float(t) for t in per_iou[0]]
+            curves = [
+                [float("nan") if v is None else v for v in curve.values()] for curve in per_iou
+            ]
+            mean = [statistics.mean(values) for values in zip(*curves)]
+            (line,) = axis.plot(thresholds, mean, marker="o", label=group[0]["name"])
+            if len(curves) > 1:
+                low, high = ([f(values) for values in zip(*curves)] for f in (min, max))
+                axis.fill_between(thresholds, low, high, color=line.get_color(), alpha=0.2)
         axis.set(title=title, xlabel="IoU threshold", xlim=(0.48, 0.97), ylim=(0, 100))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("AP (%)")
     save_with_legend(figure, axes[0], path)
 
 
-def plot_pr_curves(runs: list[dict], path: str) -> None:
-    """Mask precision-recall curves at IoU 0.5 and 0.75: a row per class, a line per run."""
-    reports = [run for run in runs if run["paper"] is not None]
+def plot_pr_curves(groups: list[list[dict]], path: str) -> None:
+    """Mask precision-recall curves at IoU 0.5 and 0.75: a row per class, a line per method (its
+    first run)."""
+    reports = [group[0] for group in groups if group[0]["paper"] is not None]
     classes = list(dict.fromkeys(c for run in reports for c in run["paper"]["per_class"]))
     rows = max(1, len(classes))
     figure, axes = plt.subplots(
@@ -178,19 +206,32 @@ def plot_pr_curves(runs: list[dict], path: str) -> None:
     save_with_legend(figure, axes[0, 0], path)
 
 
+def group_runs(runs: list[dict], specs: list[str]) -> list[list[dict]]:
+    """Runs of one given NAME form a group, in order of first appearance; runs that share only
+    the method name they default to are told apart by their path instead."""
+    named = ["=" in spec and not os.path.exists(spec) for spec in specs]
+    defaults = [run["name"] for run, given in zip(runs, named) if not given]
+    groups: dict[str, list[dict]] = {}
+    for run, spec, given in zip(runs, specs, named):
+        if not given and defaults.count(run["name"]) > 1:  # e.g. two unnamed ObjGuided runs
+            run["name"] = f"{run['name']} ({spec})"
+        groups.setdefault(run["name"], []).append(run)
+    return list(groups.values())
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     runs = [load_run(spec, args.dataset) for spec in args.runs]
-    names = [run["name"] for run in runs]
-    for run, spec in zip(runs, args.runs):
-        if names.count(run["name"]) > 1:  # e.g. two ObjGuided runs given without names
-            run["name"] = f"{run['name']} ({spec})"
+    groups = group_runs(runs, args.runs)
     os.makedirs(args.output, exist_ok=True)
-    table = markdown_table(runs)
+    table = markdown_table(groups)
+    if any(len(group) > 1 for group in groups):
+        each = [[dict(run, name=f"{run['name']} ({spec})")] for run, spec in zip(runs, args.runs)]
+        table += "\nEvery run:\n\n" + markdown_table(each)
     with open(os.path.join(args.output, "comparison.md"), "w") as f:
         f.write(table)
-    plot_ap_vs_iou(runs, os.path.join(args.output, "ap_vs_iou.png"))
-    plot_pr_curves(runs, os.path.join(args.output, "pr_curves.png"))
+    plot_ap_vs_iou(groups, os.path.join(args.output, "ap_vs_iou.png"))
+    plot_pr_curves(groups, os.path.join(args.output, "pr_curves.png"))
     print(table)
     print(f"Wrote comparison.md, ap_vs_iou.png and pr_curves.png to {args.output}/")
     return 0
