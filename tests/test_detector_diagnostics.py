@@ -74,4 +74,5 @@ def test_summary_of_undersized_and_missed_objects():
     assert summary["median_height_ratio"] == pytest.approx(0.9)
     by_size = {row["size"]: row for row in summary["by_size"]}
     assert by_size[(0, 20)]["median_height_ratio"] == pytest.approx(0.8)
-    assert by_size[(40, 80)]["matched"] == 0
+    assert by_size[(40, 80)]["matched"] == 0 and by_size[(40, 80)]["center_recall"] == 0
+    assert by_size[(80, float("inf"))]["center_recall"] == 1

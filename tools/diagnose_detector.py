@@ -55,11 +55,11 @@ def main(argv=None) -> dict:
         f"and {summary['detections_per_image']:.1f} detections (score >= {thresh}) per image; "
         f"center recall {summary['center_recall']:.3f}"
     )
-    print("object size (px) | objects | matched | median pred/true width | height")
+    print("object size (px) | objects | center recall | matched | median pred/true width | height")
     for row in [{"size": ("all", ""), **summary}] + summary["by_size"]:
         lo, hi = row["size"]
         print(
-            f"{lo}-{hi} | {row['objects']} | {row['matched']} | "
+            f"{lo}-{hi} | {row['objects']} | {row['center_recall']:.3f} | {row['matched']} | "
             f"{row['median_width_ratio']:.3f} | {row['median_height_ratio']:.3f}"
         )
     if args.output:

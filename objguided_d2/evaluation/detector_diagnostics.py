@@ -110,9 +110,10 @@ def summarize_detections(
         score_thresh: the score threshold the measurements used.
 
     Returns:
-        {"objects", "images", "detections_per_image", "objects_per_image", "center_recall",
-        "matched", "median_width_ratio", "median_height_ratio", "by_size": [{"size": (lo, hi),
-        "objects", "matched", "median_width_ratio", "median_height_ratio"}, ...]}.
+        {"score_thresh", "images", "detections_per_image", "objects_per_image", "objects",
+        "center_recall", "matched", "median_width_ratio", "median_height_ratio", "by_size":
+        [{"size": (lo, hi), "objects", "center_recall", "matched", "median_width_ratio",
+        "median_height_ratio"}, ...]}.
     """
     ratios = (pred_sizes / gt_sizes).numpy()
     side = gt_sizes.prod(dim=1).sqrt().numpy()
@@ -120,8 +121,10 @@ def summarize_detections(
     def ratio_summary(rows: np.ndarray) -> dict:
         matched = rows & ~np.isnan(ratios[:, 0])
         medians = np.median(ratios[matched], axis=0) if matched.any() else [np.nan, np.nan]
+        found = peaks.numpy()[rows] >= score_thresh
         return {
             "objects": int(rows.sum()),
+            "center_recall": float(found.mean()) if rows.any() else float("nan"),
             "matched": int(matched.sum()),
             "median_width_ratio": float(medians[0]),
             "median_height_ratio": float(medians[1]),
@@ -133,7 +136,6 @@ def summarize_detections(
         "images": len(detections),
         "detections_per_image": float(np.mean(detections)) if detections else 0.0,
         "objects_per_image": len(side) / max(len(detections), 1),
-        "center_recall": float((peaks >= score_thresh).float().mean()) if len(peaks) else 0.0,
         **ratio_summary(every),
         "by_size": [
             {"size": (lo, hi), **ratio_summary((side >= lo) & (side < hi))}
