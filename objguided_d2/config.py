@@ -52,6 +52,9 @@ def add_objguided_config(cfg: CN) -> None:
 
     # ---- Object-guided ROI mask branch ----
     _C.BOX_ENLARGE = 1.1             # ROIs are the boxes scaled by this about their centre
+    # The same for the predicted boxes at inference; 0: BOX_ENLARGE. The mask branch segments its
+    # whole ROI, so a wider one recovers the parts of an object that a too small box cuts off.
+    _C.BOX_ENLARGE_TEST = 0.0
     _C.MIN_ROI_SIZE = 2.0            # crop levels stop at the first one with an ROI side below this
     # Feature maps cropped at strides 2, 4, 8, 16 (stride 1 is a two-conv stem on the image).
     _C.ROI_FEATURES = ["stem", "dec4", "dec8", "dec16"]

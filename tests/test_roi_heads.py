@@ -131,6 +131,20 @@ def test_rois_cover_every_level_count():
     assert pyramid.num_levels.tolist() == expected
 
 
+def test_test_time_enlargement_widens_inference_rois_only():
+    boxes = all_rois()[0]
+    heads = make_heads(box_enlarge=1.1, box_enlarge_test=1.5)
+    train_sizes = heads.build_pyramid(boxes).sizes
+    heads.eval()
+    test_sizes = heads.build_pyramid(boxes).sizes
+    box_sizes = (boxes[:, 2:] - boxes[:, :2]).double()
+    torch.testing.assert_close(train_sizes, 1.1 * box_sizes)
+    torch.testing.assert_close(test_sizes, 1.5 * box_sizes)
+    assert make_heads(box_enlarge=1.3).eval().build_pyramid(boxes).sizes.equal(
+        make_heads(box_enlarge=1.3).build_pyramid(boxes).sizes
+    )
+
+
 def test_batched_forward_equals_one_roi_at_a_time():
     torch.manual_seed(0)
     heads = make_heads().eval()

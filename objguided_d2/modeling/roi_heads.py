@@ -91,6 +91,7 @@ class ObjGuidedROIHeads(nn.Module):
         image_conv_channels: int = 64,
         instance_norm_affine: bool = False,
         box_enlarge: float = 1.1,
+        box_enlarge_test: float | None = None,
         min_roi_size: float = 2.0,
         mask_loss_weight: float = 2.0,
         mask_thresh_test: float = 0.53,
@@ -119,6 +120,7 @@ class ObjGuidedROIHeads(nn.Module):
             instance_norm_affine: learnable gamma / eta in the S modules' instance norm (paper's
                 Eq. 6) or none (authors' code).
             box_enlarge: ROIs are the boxes scaled by this about their centre.
+            box_enlarge_test: the same at inference, for the predicted boxes; None: ``box_enlarge``.
             min_roi_size: levels stop at the first whose ROI side is below this.
             mask_loss_weight: weight of the mask BCE.
             mask_thresh_test: pasted value at or above which a pixel is foreground.
@@ -147,6 +149,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.in_features = list(in_features)
         self.strides = (1, *in_strides)
         self.box_enlarge = box_enlarge
+        self.box_enlarge_test = box_enlarge if box_enlarge_test is None else box_enlarge_test
         self.min_roi_size = min_roi_size
         self.mask_loss_weight = mask_loss_weight
         self.mask_thresh_test = mask_thresh_test
@@ -201,6 +204,7 @@ class ObjGuidedROIHeads(nn.Module):
             "image_conv_channels": og.IMAGE_CONV_CHANNELS,
             "instance_norm_affine": og.INSTANCE_NORM_AFFINE,
             "box_enlarge": og.BOX_ENLARGE,
+            "box_enlarge_test": og.BOX_ENLARGE_TEST or None,
             "min_roi_size": og.MIN_ROI_SIZE,
             "mask_loss_weight": og.MASK_LOSS_WEIGHT,
             "mask_thresh_test": og.MASK_THRESH_TEST,
@@ -249,7 +253,8 @@ class ObjGuidedROIHeads(nn.Module):
 
     def build_pyramid(self, boxes: torch.Tensor) -> RoiPyramid:
         """ROI crop grids of (R, 4) XYXY boxes (network-input pixels) at every level."""
-        return build_roi_pyramid(boxes, self.strides, self.box_enlarge, self.min_roi_size)
+        enlarge = self.box_enlarge if self.training else self.box_enlarge_test
+        return build_roi_pyramid(boxes, self.strides, enlarge, self.min_roi_size)
 
     def group(self, pyramid: RoiPyramid) -> list[RoiGroup]:
         """The batches ROIs run in (skipped ROIs belong to none)."""
