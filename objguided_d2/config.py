@@ -44,8 +44,13 @@ def add_objguided_config(cfg: CN) -> None:
     _C.WH_LOSS_WEIGHT = 0.1          # authors' weight; the paper gives none
     _C.OFFSET_LOSS_WEIGHT = 1.0      # weight of the sub-pixel center offset loss
     _C.REGRESSION_LOSS = "l1"        # "l1" (authors' code) or "smooth_l1" (paper, Eq. 2 and 5)
-    # The width-height head predicts log(w), log(h) in output cells (True) or w, h (False, paper
-    # and authors).
+    # The keypoint of an object: "box", its box centre, from which the size head predicts the
+    # box's width and height (paper); "interior", its innermost pixel (the farthest from the
+    # background), from which the size head predicts the distances to the box's left, top, right
+    # and bottom sides. The box centre of a thin, branching cell usually lies on background.
+    _C.CENTER_POINT = "box"
+    # The size head predicts the log of its sizes in output cells (True) or the sizes (False,
+    # paper and authors).
     _C.WH_LOG_SPACE = False
     _C.TOPK_CENTERS = 500            # peaks kept after the 3x3 max-pool
     _C.SCORE_THRESH_TEST = 0.3       # minimum center score of a detection

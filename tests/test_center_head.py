@@ -91,9 +91,28 @@ def test_size_and_offset_targets_follow_the_documented_convention():
     targets = encode_one([[17, 18, 47, 50]], [0])
     # ct = (32, 34) / 4 = (8, 8.5) -> cell (8, 8), offset (0, 0.5); wh = (30, 32) / 4.
     assert targets.index.tolist() == [8 * 16 + 8]
-    assert targets.wh.tolist() == [[7.5, 8.0]]
+    assert targets.sizes.tolist() == [[7.5, 8.0]]
     assert targets.offset.tolist() == [[0.0, 0.5]]
     assert targets.heatmap[0, 0, 8, 8] == 1
+
+
+def test_interior_keypoints_carry_the_heatmap_peak_and_the_distances_to_the_sides():
+    # Box (16, 16, 48, 48): 8 cells, r = 2; keypoint (21.5, 42.5) px = (5.375, 10.625) cells.
+    boxes = torch.tensor([[16.0, 16.0, 48.0, 48.0]])
+    points = torch.tensor([[21.5, 42.5]])
+    zero = torch.zeros(1, dtype=torch.int64)
+    targets = encode_center_targets(boxes, zero, zero, (1, 1, 16, 16), 4, 0.7, points)
+    assert targets.index.tolist() == [10 * 16 + 5]
+    assert targets.offset.tolist() == [[0.375, 0.625]]
+    assert targets.sizes.tolist() == [[1.375, 6.625, 6.625, 1.375]]
+    heat = targets.heatmap[0, 0]
+    assert heat[10, 5] == 1 and (heat > 0).sum() == 25  # the box's radius, around the keypoint
+
+
+def test_interior_keypoint_heads_predict_four_sides():
+    assert make_head(center_point="interior").wh_head[-1].out_channels == 4
+    with pytest.raises(ValueError, match="CENTER_POINT.*'middle'"):
+        make_head(center_point="middle")
 
 
 def test_boxes_centred_outside_the_map_get_no_target():
@@ -191,23 +210,27 @@ def test_decoding_constructed_maps_gives_exactly_the_constructed_boxes():
     assert second.proposal_boxes.tensor.tolist() == [[16, 16, 20, 24]]
 
 
+@pytest.mark.parametrize("center_point", ["box", "interior"])
 @pytest.mark.parametrize("log_wh", [False, True])
-def test_encoding_then_decoding_recovers_the_boxes(log_wh):
+def test_encoding_then_decoding_recovers_the_boxes(log_wh, center_point):
     """The regression targets the losses read (the sizes, or their logs), written into the maps at
     the centres, decode to the ground-truth boxes."""
-    head = make_head(stride=4, log_wh=log_wh)
+    head = make_head(stride=4, log_wh=log_wh, center_point=center_point)
     instances = [
         gt((128, 128), [[10, 20, 50, 41], [64.5, 3, 90, 30.5], [100, 100, 127, 128]], [0, 1, 0]),
         gt((128, 96), [[0, 0, 7, 9], [33, 47, 95, 120]], [1, 1]),
     ]
+    # Keypoints off the box centres, one on a box corner pixel.
+    instances[0].gt_interior_points = torch.tensor([[12.5, 39.5], [80.0, 10.0], [120.5, 101.5]])
+    instances[1].gt_interior_points = torch.tensor([[0.5, 0.5], [40.5, 100.5]])
     shape = (2, 2, 32, 32)
     targets = head.encode(instances, shape)
     heat_logits = torch.logit(targets.heatmap.clamp(1e-4, 1 - 1e-4))
     maps = []
-    for values in (head.wh_target(targets.wh), targets.offset):
-        dense = torch.zeros(2 * 32 * 32, 2)
+    for values in (head.wh_target(targets.sizes), targets.offset):
+        dense = torch.zeros(2 * 32 * 32, values.shape[1])
         dense[targets.index] = values
-        maps.append(dense.view(2, 32, 32, 2).permute(0, 3, 1, 2))
+        maps.append(dense.view(2, 32, 32, -1).permute(0, 3, 1, 2))
     proposals = head.decode(heat_logits, *maps, [inst.image_size for inst in instances])
     for inst, proposal in zip(instances, proposals):
         order = proposal.proposal_boxes.tensor[:, 0].argsort()

@@ -31,7 +31,12 @@ def make_record(path, image: np.ndarray, annotations=()) -> dict:
 
 
 def make_mapper(
-    augmentations, is_train=True, image_format="BGR", min_size=2, largest_component=False
+    augmentations,
+    is_train=True,
+    image_format="BGR",
+    min_size=2,
+    largest_component=False,
+    interior_points=False,
 ):
     return BioDatasetMapper(
         is_train,
@@ -39,6 +44,7 @@ def make_mapper(
         image_format=image_format,
         min_instance_size=min_size,
         largest_component=largest_component,
+        interior_points=interior_points,
     )
 
 
@@ -223,6 +229,27 @@ def test_largest_component_of_the_authors_keeps_the_main_fragment(tmp_path):
     authors = make_mapper([identity], min_size=4, largest_component=True)(record)["instances"]
     assert authors.gt_boxes.tensor.tolist() == [[10, 10, 40, 30]]
     assert authors.gt_masks.tensor[0].sum() == 20 * 20 + 2 * 10
+
+
+def test_interior_points_lie_in_the_cell_body_not_at_the_box_centre(tmp_path):
+    """A body with a long protrusion: its box centre is background, its innermost pixel is the
+    body's centre; a cell cut by the canvas edge gets the innermost pixel of what is visible."""
+    cell = np.zeros((64, 64), bool)
+    cell[10:21, 10:21] = True  # 11 x 11 body centred on pixel (15, 15)
+    cell[14:17, 21:60] = True  # protrusion to the right
+    edge = np.zeros((64, 64), bool)
+    edge[40:64, 40:50] = True  # 10 px wide, runs off the bottom edge
+    annotations = [mask_to_annotation(cell), mask_to_annotation(edge)]
+    record = make_record(tmp_path / "cell.png", np.zeros((64, 64), np.uint8), annotations)
+    identity = ScaleShiftTransform(1.0, 1.0, 0.0, 0.0, 64, 64)
+
+    instances = make_mapper([identity], interior_points=True)(record)["instances"]
+    points = instances.gt_interior_points
+    assert points[0].tolist() == [15.5, 15.5]  # box centre (35, 15.5) is off the cell
+    x, y = points[1].tolist()
+    assert 44 <= x <= 46 and y >= 44 and y < 60  # 5 px from the sides and the canvas edge
+    assert instances.gt_masks.tensor[1, int(y), int(x)]
+    assert not make_mapper([identity])(record)["instances"].has("gt_interior_points")
 
 
 def test_crowd_annotations_are_ignored_and_polygons_read(tmp_path):

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from helpers import objguided_cfg, render
 from PIL import Image
 
 from objguided_d2.data import BioDatasetMapper
 from objguided_d2.data.formats import mask_to_annotation
+from objguided_d2.data.transforms import ScaleShiftTransform
 from objguided_d2.evaluation import diagnose_detector, summarize_detections
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -29,19 +29,23 @@ def squares_record(tmp_path, sides) -> dict:
             "annotations": annotations}  # fmt: skip
 
 
-def test_a_detector_that_predicts_its_targets_finds_every_object_at_its_size(tmp_path):
-    cfg = objguided_cfg(compact=True, opts=["INPUT.IMAGE_SIZE", 128])
+@pytest.mark.parametrize("center_point", ["box", "interior"])
+def test_a_detector_that_predicts_its_targets_finds_every_object_at_its_size(
+    tmp_path, center_point
+):
+    opts = ["INPUT.IMAGE_SIZE", 128, "MODEL.OBJGUIDED.CENTER_POINT", center_point]
+    cfg = objguided_cfg(compact=True, opts=opts)
     model = build_model(cfg).eval()
     record = squares_record(tmp_path, [10, 16, 30, 50])
     generator = model.proposal_generator
-    boxes = torch.tensor([a["bbox"] for a in record["annotations"]])
-    boxes[:, 2:] += boxes[:, :2]
-    targets = generator.encode([_instances(boxes)], (1, 1, 32, 32))
+    identity = ScaleShiftTransform(1.0, 1.0, 0.0, 0.0, 128, 128)
+    instances = BioDatasetMapper(cfg, is_train=True, augmentations=[identity])(record)["instances"]
+    targets = generator.encode([instances], (1, 1, 32, 32))
     maps = []
-    for values in (generator.wh_target(targets.wh), targets.offset):
-        dense = torch.zeros(32 * 32, 2)
+    for values in (generator.wh_target(targets.sizes), targets.offset):
+        dense = torch.zeros(32 * 32, values.shape[1])
         dense[targets.index] = values
-        maps.append(dense.view(1, 32, 32, 2).permute(0, 3, 1, 2))
+        maps.append(dense.view(1, 32, 32, -1).permute(0, 3, 1, 2))
     heat = torch.logit(targets.heatmap.clamp(1e-4, 1 - 1e-4))
     generator.predict_maps = lambda features: (heat, *maps)
     mapper = BioDatasetMapper(cfg, is_train=False)
@@ -52,13 +56,6 @@ def test_a_detector_that_predicts_its_targets_finds_every_object_at_its_size(tmp
     assert summary["detections_per_image"] == 4 and summary["center_recall"] == 1.0
     assert summary["median_width_ratio"] == pytest.approx(1.0)
     assert [row["objects"] for row in summary["by_size"]] == [2, 1, 1, 0]
-
-
-def _instances(boxes):
-    instances = Instances((128, 128))
-    instances.gt_boxes = Boxes(boxes)
-    instances.gt_classes = torch.zeros(len(boxes), dtype=torch.int64)
-    return instances
 
 
 def test_summary_of_undersized_and_missed_objects():

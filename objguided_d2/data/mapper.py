@@ -13,7 +13,13 @@ from .formats import segmentation_to_rle
 from .image_io import read_image
 from .transforms import RandomSquareCrop, ResizeToInput
 
-__all__ = ["BioDatasetMapper", "build_bio_augmentations", "largest_components", "tight_boxes"]
+__all__ = [
+    "BioDatasetMapper",
+    "build_bio_augmentations",
+    "interior_points",
+    "largest_components",
+    "tight_boxes",
+]
 
 # Masks are decoded at the original resolution a chunk at a time, to bound memory on large images
 # with hundreds of instances.
@@ -65,6 +71,20 @@ def largest_components(masks: np.ndarray) -> np.ndarray:
     return out
 
 
+def interior_points(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool masks and their (N, 4) tight boxes -> (N, 2) float32 (x, y) of each mask's
+    innermost pixel (its largest Euclidean distance to the background or the canvas edge; the
+    first in raster order among ties), at the pixel centre; an empty mask gives its box centre."""
+    points = (boxes[:, :2] + boxes[:, 2:]) / 2
+    for index, (x1, y1, x2, y2) in enumerate(boxes.astype(int)):
+        if x2 > x1 and y2 > y1:
+            # One pixel of background around the box: the canvas edge counts as outside.
+            window = np.pad(masks[index, y1:y2, x1:x2], 1)
+            y, x = np.unravel_index(ndimage.distance_transform_edt(window).argmax(), window.shape)
+            points[index] = (x1 + x - 0.5, y1 + y - 0.5)
+    return points.astype(np.float32)
+
+
 class BioDatasetMapper:
     """Reads an image robustly, applies the augmentations, builds bitmask ground truth.
 
@@ -72,7 +92,8 @@ class BioDatasetMapper:
     RLE or polygon segmentations). Output: the dict without "annotations", plus
     "image": uint8 tensor (C, H', W') in ``image_format`` (C = 3 for "BGR"/"RGB", 1 for "L"), and
     in training "instances": Instances of size (H', W') with gt_boxes (Boxes, XYXY, tight boxes of
-    the masks), gt_classes (int64) and gt_masks (BitMasks). With ``largest_component``, each
+    the masks), gt_classes (int64), gt_masks (BitMasks) and, with ``interior_points``,
+    gt_interior_points ((N, 2) float, see :func:`interior_points`). With ``largest_component``, each
     augmented mask keeps only its largest 4-connected component (the authors' code: a resized
     thin protrusion falls apart into fragments). Instances whose box is under
     ``min_instance_size`` px in width or height after the augmentations are dropped; crowd
@@ -88,6 +109,7 @@ class BioDatasetMapper:
         image_format: str,
         min_instance_size: int,
         largest_component: bool = False,
+        interior_points: bool = False,
     ):
         """
         Args:
@@ -97,12 +119,15 @@ class BioDatasetMapper:
             image_format: "BGR", "RGB" or "L".
             min_instance_size: minimal box width and height (px) of a kept instance.
             largest_component: keep each mask's largest 4-connected component only.
+            interior_points: add each instance's innermost pixel (the detector's keypoint with
+                ``MODEL.OBJGUIDED.CENTER_POINT "interior"``).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.min_instance_size = min_instance_size
         self.largest_component = largest_component
+        self.interior_points = interior_points
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
@@ -112,6 +137,7 @@ class BioDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "min_instance_size": cfg.INPUT.MIN_INSTANCE_SIZE,
             "largest_component": cfg.INPUT.GT_LARGEST_COMPONENT,
+            "interior_points": cfg.MODEL.OBJGUIDED.CENTER_POINT == "interior",
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -158,6 +184,9 @@ class BioDatasetMapper:
         instances.gt_boxes = Boxes(torch.from_numpy(boxes[keep]))
         instances.gt_classes = torch.from_numpy(classes[keep])
         instances.gt_masks = BitMasks(torch.from_numpy(masks[keep]))
+        if self.interior_points:
+            points = interior_points(masks[keep], boxes[keep])
+            instances.gt_interior_points = torch.from_numpy(points)
         return instances
 
     @staticmethod

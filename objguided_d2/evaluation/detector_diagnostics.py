@@ -5,7 +5,8 @@ For every ground-truth object of a dataset (boxes scaled to the network input, a
 resizes the image):
 
 * its *center peak*: the highest center score in the 3 x 3 output cells around the cell that
-  carries its center (the heatmap target's peak);
+  carries its keypoint (the heatmap target's peak: the box centre, or the innermost pixel of its
+  mask with ``MODEL.OBJGUIDED.CENTER_POINT "interior"``);
 * its *matched detection*: the detection (score at least the threshold) of highest box IoU with it,
   if that IoU exceeds 0.5, whose width and height are compared with the object's.
 
@@ -19,9 +20,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
+
+from ..data.formats import segmentation_to_rle
+from ..data.mapper import interior_points, tight_boxes
 
 __all__ = ["SIZE_BINS", "diagnose_detector", "summarize_detections"]
 
@@ -54,7 +59,11 @@ def diagnose_detector(
         gt = _input_boxes(record, (height, width))
         kept = proposals[proposals.objectness_logits.sigmoid() >= score_thresh]
         detections.append(len(kept))
-        peaks.append(_center_peaks(heatmap.sigmoid().amax(dim=1)[0], gt, generator.stride))
+        if generator.center_point == "interior":
+            keypoints = _input_interior_points(record, (height, width))
+        else:
+            keypoints = (gt[:, :2] + gt[:, 2:]) / 2
+        peaks.append(_peaks_at(heatmap.sigmoid().amax(dim=1)[0], keypoints, generator.stride))
         gt_sizes.append(gt[:, 2:] - gt[:, :2])
         pred_sizes.append(_matched_sizes(gt, kept.proposal_boxes.tensor))
     return summarize_detections(
@@ -73,10 +82,23 @@ def _input_boxes(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
 
 
-def _center_peaks(heatmap: torch.Tensor, boxes: torch.Tensor, stride: int) -> torch.Tensor:
-    """(G,) highest score of the (H, W) heatmap in the 3 x 3 cells around each box's center cell."""
+def _input_interior_points(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
+    """(G, 2) innermost pixel of each ground-truth mask of a record, scaled to the network input."""
+    annotations = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
+    height, width = record["height"], record["width"]
+    points = np.zeros((len(annotations), 2), np.float32)
+    for index, annotation in enumerate(annotations):
+        mask = mask_util.decode(segmentation_to_rle(annotation["segmentation"], height, width))
+        mask = mask.astype(bool)[None]
+        points[index] = interior_points(mask, tight_boxes(mask))[0]
+    return torch.from_numpy(points) * torch.tensor([input_hw[1] / width, input_hw[0] / height])
+
+
+def _peaks_at(heatmap: torch.Tensor, keypoints: torch.Tensor, stride: int) -> torch.Tensor:
+    """(G,) highest score of the (H, W) heatmap in the 3 x 3 cells around the cell of each (G, 2)
+    keypoint (network-input pixels)."""
     pooled = F.max_pool2d(heatmap[None, None], 3, stride=1, padding=1)[0, 0]
-    centers = ((boxes[:, :2] + boxes[:, 2:]) / 2 / stride).floor().long()
+    centers = (keypoints / stride).floor().long()
     x = centers[:, 0].clamp(0, heatmap.shape[1] - 1)
     y = centers[:, 1].clamp(0, heatmap.shape[0] - 1)
     return pooled[y, x]

@@ -13,6 +13,13 @@ and decoding inverts it exactly: (x1, y1, x2, y2) = (ct_int + offset -/+ wh / 2)
 thus covers input [j * s, (j + 1) * s), the half-pixel-correct feature alignment the ROI geometry
 also uses. The authors' inclusive pixel boxes (cx = (a + b) / 2, w = b - a + 1) give the same sizes
 with centers 0.5 input px (1/8 cell) up-left of these.
+
+With interior keypoints (``center_point="interior"``), ct is the object's innermost pixel (given
+in input pixels by the mapper) instead of the box centre, and the size head predicts the four
+distances from ct to the box sides::
+
+    sides = (ct_x - x1 / s, ct_y - y1 / s, x2 / s - ct_x, y2 / s - ct_y)   left, top, right, bottom
+    (x1, y1, x2, y2) = (ct_int + offset - sides[:2], ct_int + offset + sides[2:]) * s
 """
 
 from typing import NamedTuple
@@ -107,7 +114,9 @@ class CenterTargets(NamedTuple):
 
     heatmap: torch.Tensor  # (B, C, H, W) Gaussians, exactly 1 at each centre cell
     index: torch.Tensor  # (M,) flat cell index (b * H + y) * W + x of each object's centre
-    wh: torch.Tensor  # (M, 2) box width, height in output cells
+    # (M, 2) box width, height or, with interior keypoints, (M, 4) distances from the keypoint
+    # to the box's left, top, right, bottom sides; in output cells
+    sizes: torch.Tensor
     offset: torch.Tensor  # (M, 2) sub-cell centre offset in [0, 1)
 
 
@@ -118,6 +127,7 @@ def encode_center_targets(
     heatmap_shape: tuple[int, int, int, int],
     stride: int,
     min_overlap: float,
+    points: torch.Tensor | None = None,
 ) -> CenterTargets:
     """Encode boxes as CenterNet targets (convention in the module docstring).
 
@@ -128,11 +138,17 @@ def encode_center_targets(
         heatmap_shape: (B, C, H, W) of the output maps.
         stride: input pixels per output cell.
         min_overlap: IoU that fixes the Gaussian radius (see :func:`gaussian_radius`).
+        points: (N, 2) interior keypoints (x, y) in network-input pixels; None: box centres.
     """
     _, _, height, width = heatmap_shape
     boxes = boxes.float() / stride
-    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-    sizes = boxes[:, 2:] - boxes[:, :2]
+    box_sizes = boxes[:, 2:] - boxes[:, :2]
+    if points is None:
+        centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+        sizes = box_sizes
+    else:
+        centers = points.float() / stride
+        sizes = torch.cat([centers - boxes[:, :2], boxes[:, 2:] - centers], dim=1)
     centers_int = centers.floor().long()
     inside = (
         (centers_int[:, 0] >= 0)
@@ -141,9 +157,9 @@ def encode_center_targets(
         & (centers_int[:, 1] < height)
     )
     centers, sizes, centers_int = centers[inside], sizes[inside], centers_int[inside]
-    classes, batch_index = classes[inside], batch_index[inside]
+    classes, batch_index, box_sizes = classes[inside], batch_index[inside], box_sizes[inside]
 
-    radii = gaussian_radius(sizes[:, 1].ceil(), sizes[:, 0].ceil(), min_overlap)
+    radii = gaussian_radius(box_sizes[:, 1].ceil(), box_sizes[:, 0].ceil(), min_overlap)
     radii = radii.long().clamp(min=0)  # .long() truncates like the authors' int()
     heatmap = draw_gaussians(heatmap_shape, batch_index, classes, centers_int, radii)
     index = (batch_index * height + centers_int[:, 1]) * width + centers_int[:, 0]
@@ -175,7 +191,7 @@ def center_focal_loss(
 
 def decode_centers(
     heatmap_logits: torch.Tensor,
-    wh: torch.Tensor,
+    sizes: torch.Tensor,
     offset: torch.Tensor,
     stride: int,
     topk: int,
@@ -184,7 +200,9 @@ def decode_centers(
 
     Args:
         heatmap_logits: (B, C, H, W).
-        wh, offset: (B, 2, H, W) width-height and offset maps.
+        sizes: (B, 2, H, W) width-height or (B, 4, H, W) left-top-right-bottom distance maps
+            (see :class:`CenterTargets`).
+        offset: (B, 2, H, W) offset map.
         stride: input pixels per output cell.
         topk: peaks kept per image (at most C * H * W).
 
@@ -202,11 +220,14 @@ def decode_centers(
     classes = flat_index // (height * width)
     cell = flat_index % (height * width)
 
-    gather_index = cell[:, None, :].expand(-1, 2, -1)
-    wh_at = wh.float().flatten(2).gather(2, gather_index)  # (B, 2, K)
-    offset_at = offset.float().flatten(2).gather(2, gather_index)
+    sizes_at = sizes.float().flatten(2).gather(2, cell[:, None, :].expand(-1, len(sizes[0]), -1))
+    offset_at = offset.float().flatten(2).gather(2, cell[:, None, :].expand(-1, 2, -1))  # (B, 2, K)
     centers = torch.stack([cell % width, cell // width], dim=1) + offset_at
-    boxes = torch.cat([centers - wh_at / 2, centers + wh_at / 2], dim=1) * stride
+    if len(sizes[0]) == 2:
+        low = high = sizes_at / 2
+    else:
+        low, high = sizes_at[:, :2], sizes_at[:, 2:]
+    boxes = torch.cat([centers - low, centers + high], dim=1) * stride
     return logits, classes, boxes.transpose(1, 2)
 
 
@@ -243,6 +264,7 @@ class CenterKeypointProposalGenerator(nn.Module):
         focal_beta: float = 4.0,
         loss_weights: dict[str, float] | None = None,
         regression_loss: str = "l1",
+        center_point: str = "box",
         log_wh: bool = False,
         topk: int = 500,
         score_thresh: float = 0.3,
@@ -260,9 +282,12 @@ class CenterKeypointProposalGenerator(nn.Module):
             max_objects: detection targets kept per image (in the order given).
             focal_alpha, focal_beta: exponents of :func:`center_focal_loss`.
             loss_weights: weights of "loss_heatmap", "loss_wh", "loss_offset" (missing: 1).
-            regression_loss: "l1" or "smooth_l1" for width-height and offset.
-            log_wh: the width-height head predicts log(wh) (regressed against the log of the
-                targets, decoded with exp) instead of wh (the authors).
+            regression_loss: "l1" or "smooth_l1" for sizes and offset.
+            center_point: an object's keypoint: "box", its box centre, with a width-height size
+                head (paper); "interior", its innermost pixel (``gt_interior_points`` of the
+                ground truth), with a head for the distances to the four box sides.
+            log_wh: the size head predicts the log of its sizes (regressed against the log of the
+                targets, decoded with exp) instead of the sizes (the authors).
             topk: peaks decoded per image.
             score_thresh: minimum center score of a proposal.
         """
@@ -270,6 +295,10 @@ class CenterKeypointProposalGenerator(nn.Module):
         if regression_loss not in ("l1", "smooth_l1"):
             raise ValueError(
                 f"regression_loss must be 'l1' or 'smooth_l1', got {regression_loss!r}"
+            )
+        if center_point not in ("box", "interior"):
+            raise ValueError(
+                f"MODEL.OBJGUIDED.CENTER_POINT must be 'box' or 'interior', got {center_point!r}"
             )
         self.in_feature = in_feature
         self.stride = stride
@@ -280,12 +309,16 @@ class CenterKeypointProposalGenerator(nn.Module):
         self.focal_beta = focal_beta
         self.loss_weights = loss_weights or {}
         self.regression_loss = regression_loss
+        self.center_point = center_point
         self.log_wh = log_wh
         self.topk = topk
         self.score_thresh = score_thresh
 
         self.heatmap_head = _two_conv_head(in_channels, head_channels, num_classes, 3, 1)
-        self.wh_head = _two_conv_head(in_channels, head_channels, 2, wh_kernel_size, wh_kernel_size)
+        size_channels = 2 if center_point == "box" else 4
+        self.wh_head = _two_conv_head(
+            in_channels, head_channels, size_channels, wh_kernel_size, wh_kernel_size
+        )
         self.offset_head = _two_conv_head(in_channels, head_channels, 2, 3, 1)
         # Weights keep PyTorch's default init (authors); biases as CenterNet: a low prior on the
         # heatmap (sigmoid(-2.19) = 0.1) and zero on the regression heads.
@@ -316,6 +349,7 @@ class CenterKeypointProposalGenerator(nn.Module):
                 "loss_offset": og.OFFSET_LOSS_WEIGHT,
             },
             "regression_loss": og.REGRESSION_LOSS,
+            "center_point": og.CENTER_POINT,
             "log_wh": og.WH_LOG_SPACE,
             "topk": og.TOPK_CENTERS,
             "score_thresh": og.SCORE_THRESH_TEST,
@@ -348,8 +382,8 @@ class CenterKeypointProposalGenerator(nn.Module):
         return proposals, losses
 
     def predict_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) features -> heatmap logits (B, num_classes, H, W), wh and offset maps
-        (B, 2, H, W)."""
+        """(B, C, H, W) features -> heatmap logits (B, num_classes, H, W), size maps (B, 2 or 4,
+        H, W; see :class:`CenterTargets`) and offset maps (B, 2, H, W)."""
         return self.heatmap_head(x), self.wh_head(x), self.offset_head(x)
 
     def encode(
@@ -357,6 +391,9 @@ class CenterKeypointProposalGenerator(nn.Module):
     ) -> CenterTargets:
         """Targets of the first ``max_objects`` ground-truth instances of each image."""
         boxes = [inst.gt_boxes.tensor[: self.max_objects] for inst in gt_instances]
+        points = None
+        if self.center_point == "interior":
+            points = torch.cat([i.gt_interior_points[: self.max_objects] for i in gt_instances])
         classes = [inst.gt_classes[: self.max_objects] for inst in gt_instances]
         batch_index = torch.cat(
             [
@@ -371,6 +408,7 @@ class CenterKeypointProposalGenerator(nn.Module):
             heatmap_shape,
             self.stride,
             self.gaussian_min_overlap,
+            points,
         )
 
     def losses(
@@ -380,28 +418,28 @@ class CenterKeypointProposalGenerator(nn.Module):
         offset: torch.Tensor,
         gt_instances: list[Instances],
     ) -> dict[str, torch.Tensor]:
-        """Weighted focal heatmap loss and width-height / offset regression at the GT centres."""
+        """Weighted focal heatmap loss and size / offset regression at the GT centres."""
         targets = self.encode(gt_instances, tuple(heatmap_logits.shape))
         losses = {
             "loss_heatmap": center_focal_loss(
                 heatmap_logits, targets.heatmap, self.focal_alpha, self.focal_beta
             ),
-            "loss_wh": self._regression_loss(wh, targets.index, self.wh_target(targets.wh)),
+            "loss_wh": self._regression_loss(wh, targets.index, self.wh_target(targets.sizes)),
             "loss_offset": self._regression_loss(offset, targets.index, targets.offset),
         }
         return {name: loss * self.loss_weights.get(name, 1.0) for name, loss in losses.items()}
 
-    def wh_target(self, wh: torch.Tensor) -> torch.Tensor:
-        """What the width-height head regresses for (M, 2) sizes in output cells."""
-        # boxes are at least a pixel wide: the clamp only guards log(0) of degenerate input
-        return wh.clamp(min=1e-2).log() if self.log_wh else wh
+    def wh_target(self, sizes: torch.Tensor) -> torch.Tensor:
+        """What the size head regresses for (M, 2 or 4) sizes in output cells."""
+        # sizes are at least half a pixel: the clamp only guards log(0) of degenerate input
+        return sizes.clamp(min=1e-2).log() if self.log_wh else sizes
 
     def _regression_loss(
         self, prediction: torch.Tensor, index: torch.Tensor, target: torch.Tensor
     ) -> torch.Tensor:
-        """Mean over elements of the (smooth) L1 between the (B, 2, H, W) map at the flat cell
-        ``index`` (M,) and ``target`` (M, 2); 0, still in the graph, when M = 0."""
-        at_centers = prediction.float().permute(0, 2, 3, 1).reshape(-1, 2)[index]
+        """Mean over elements of the (smooth) L1 between the (B, D, H, W) map at the flat cell
+        ``index`` (M,) and ``target`` (M, D); 0, still in the graph, when M = 0."""
+        at_centers = prediction.float().permute(0, 2, 3, 1).flatten(0, 2)[index]
         if self.regression_loss == "smooth_l1":
             loss = F.smooth_l1_loss(at_centers, target, reduction="sum", beta=1.0)
         else:
