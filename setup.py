@@ -7,6 +7,8 @@ setup(
         "Object-guided instance segmentation (Yi et al., IEEE TMI 2021) as a Detectron2 plugin"
     ),
     packages=find_packages(include=["objguided_d2", "objguided_d2.*"]),
+    # The bundled nuclei set (dsb2018_mini_{train,val}).
+    package_data={"objguided_d2.data": ["bundled/dsb2018_mini/*.*", "bundled/*/*/*/*.png"]},
     python_requires=">=3.10",
     # detectron2 is not on the package registry under its own name: install it first (README).
     install_requires=[

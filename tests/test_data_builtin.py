@@ -1,5 +1,6 @@
 """Dataset registration: standard names, clear errors for missing data, a user's own datasets."""
 
+import csv
 import runpy
 import sys
 from pathlib import Path
@@ -11,18 +12,24 @@ from helpers import REPO
 from PIL import Image
 
 from objguided_d2.data import (
+    annotations_to_label_image,
+    read_image,
+    read_label_image,
     register_builtin_datasets,
     register_coco_instances_dataset,
     register_label_folder_dataset,
     register_synthetic_neural_dataset,
     save_coco_json,
 )
+from objguided_d2.data.builtin import BUNDLED_DSB2018_MINI
 from objguided_d2.data.formats import label_image_to_annotations
 
 STANDARD_NAMES = [
     *(f"{d}_{s}" for d in ("dsb2018", "plant", "neural") for s in ("train", "val", "test")),
     "synthetic_neural_train",
     "synthetic_neural_val",
+    "dsb2018_mini_train",
+    "dsb2018_mini_val",
 ]
 
 
@@ -144,3 +151,41 @@ def test_visualize_data_draws_augmented_samples(tmp_path, registered, monkeypatc
     drawn = sorted((tmp_path / "vis").iterdir())
     assert [p.name for p in drawn] == [f"test_vis_{i:03d}.png" for i in range(3)]
     assert np.asarray(Image.open(drawn[0])).shape == (96, 2 * 96 + 8, 3)
+
+
+# ---- the bundled nuclei set ----
+
+
+def bundled_manifest() -> list[dict]:
+    with open(BUNDLED_DSB2018_MINI / "manifest.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_bundled_nuclei_are_registered_and_match_their_label_images(split):
+    records = DatasetCatalog.get(f"dsb2018_mini_{split}")
+    manifest = {row["id"]: row for row in bundled_manifest() if row["split"] == split}
+    assert MetadataCatalog.get(f"dsb2018_mini_{split}").thing_classes == ["nucleus"]
+    assert sorted(Path(r["file_name"]).stem for r in records) == sorted(manifest)
+    for record in records:
+        row = manifest[Path(record["file_name"]).stem]
+        labels = read_label_image(BUNDLED_DSB2018_MINI / split / "labels" / f"{row['id']}.png")
+        image = read_image(record["file_name"], "BGR")
+        assert image.shape[:2] == labels.shape == (int(row["height"]), int(row["width"]))
+        assert len(record["annotations"]) == int(row["nuclei"]) == len(np.unique(labels)) - 1
+        painted = annotations_to_label_image(record["annotations"], *labels.shape)
+        assert np.array_equal(painted > 0, labels > 0)
+        # one annotation per label id, in id order
+        assert np.array_equal(np.unique(painted), np.unique(labels))
+
+
+def test_bundled_nuclei_come_from_the_paper_lists_and_stay_small():
+    splits = REPO / "datasets" / "splits" / "dsb2018"
+    for split in ("train", "val"):
+        listed = set((splits / f"{split}.txt").read_text().split())
+        ids = {row["id"] for row in bundled_manifest() if row["split"] == split}
+        assert ids and ids <= listed
+    kinds = {row["kind"] for row in bundled_manifest() if row["split"] == "val"}
+    assert {"histology", "brightfield"} < kinds
+    size = sum(p.stat().st_size for p in BUNDLED_DSB2018_MINI.rglob("*") if p.is_file())
+    assert size < 15 * 2**20

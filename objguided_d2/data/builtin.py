@@ -9,6 +9,8 @@ dataset is used):
   command that prepares it.
 - ``synthetic_neural_train`` (100 images, seed 0) and ``synthetic_neural_val`` (20 images, seed
   1): generated into ``<root>/synthetic_neural/{train,val}/`` on first use, then reused.
+- ``dsb2018_mini_train`` (48 images) and ``dsb2018_mini_val`` (16 images): real nuclei bundled
+  with the package (``objguided_d2/data/bundled/dsb2018_mini``, see its README), ready to use.
 
 ``<root>`` is ``$OBJGUIDED_DATASETS`` (default ``./datasets``, relative to the working directory),
 read at import; :func:`register_builtin_datasets` registers the names again from another root.
@@ -16,6 +18,7 @@ read at import; :func:`register_builtin_datasets` registers the names again from
 
 import functools
 import os
+from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
@@ -30,6 +33,7 @@ from .convert import (
 from .synthetic import SYNTHETIC_THING_CLASSES, generate_synthetic_neural
 
 __all__ = [
+    "BUNDLED_DSB2018_MINI",
     "DATASETS_ROOT_ENV",
     "datasets_root",
     "register_builtin_datasets",
@@ -64,6 +68,7 @@ _SYNTHETIC_SETS = {
     "synthetic_neural_val": {"num_images": 20, "seed": 1},
 }
 _COCO_HINT = "Write one with a converter in datasets/ (see datasets/README.md)."
+BUNDLED_DSB2018_MINI = Path(__file__).resolve().parent / "bundled" / "dsb2018_mini"
 
 
 def datasets_root() -> str:
@@ -202,3 +207,10 @@ def register_builtin_datasets(root=None) -> None:
         split = name.rsplit("_", 1)[1]
         output_dir = os.path.join(root, "synthetic_neural", split)
         register_synthetic_neural_dataset(name, output_dir, **generator_args)
+    for split in ("train", "val"):
+        name = f"dsb2018_mini_{split}"
+        _unregister(name)
+        folder = BUNDLED_DSB2018_MINI / split
+        register_label_folder_dataset(
+            name, folder / "images", folder / "labels", thing_class=THING_CLASSES["dsb2018"]
+        )
