@@ -4,8 +4,12 @@ import json
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
+from detectron2.data import DatasetCatalog
 from helpers import load_tool
+
+from objguided_d2.data import annotations_to_label_image
 
 IOUS = [f"{0.5 + 0.05 * i:.2f}" for i in range(10)]
 
@@ -116,3 +120,39 @@ def test_runs_of_one_name_are_repetitions_summarized_by_mean_and_spread(tmp_path
     second = f"| ObjGuided ({specs[1]}) | neural_val | 54.00 | 62.00 |"
     assert lines[lines.index("Every run:") + 5] == second
     assert cv2.imread(str(output / "ap_vs_iou.png")) is not None
+
+
+def test_figure_draws_each_methods_predictions_above_its_score_threshold(tmp_path):
+    """Two methods on a bundled validation image: one predicts the ground truth, the other the
+    same masks below its threshold plus one above it."""
+    compare = load_tool("compare")
+    record = DatasetCatalog.get("dsb2018_mini_val")[0]
+    name = Path(record["file_name"]).stem
+    truth = [a["segmentation"] for a in record["annotations"]]
+    image_id = record["image_id"]
+    perfect = [{"image_id": image_id, "segmentation": s, "score": 0.9} for s in truth]
+    faint = [{"image_id": image_id, "segmentation": s, "score": 0.2} for s in truth]
+    faint[3]["score"] = 0.6
+    specs = []
+    for method, predictions in (("ObjGuided", perfect), ("PointRend", faint)):
+        folder = write_run(tmp_path / method, "dsb2018_mini_val", method, OBJGUIDED, 80.0)
+        (folder / "bio_metrics.json").write_text(json.dumps({"score_threshold": 0.5}))
+        (folder / "coco_instances_results.json").write_text(json.dumps(predictions))
+        specs.append(str(tmp_path / method))
+
+    runs = [compare.load_run(spec, None) for spec in specs]
+    height, width = record["height"], record["width"]
+    by_image = [compare.evaluated_predictions(run) for run in runs]
+    labels = [compare.predicted_labels(p[image_id], height, width) for p in by_image]
+    expected = annotations_to_label_image(record["annotations"], height, width)
+    assert np.array_equal(labels[0] > 0, expected > 0)
+    assert len(np.unique(labels[0])) == len(truth) + 1
+    assert np.array_equal(labels[1] > 0, expected == 4)
+
+    output = tmp_path / "cmp"
+    assert compare.main([*specs, "--output", str(output), "--figure-images", name]) == 0
+    figure = cv2.imread(str(output / "figure.png"))
+    assert figure is not None and figure.shape[1] > 2 * figure.shape[0]  # one row, four panels
+    assert compare.main([*specs, "--output", str(output), "--figure-images", name[:12]]) == 0
+    with pytest.raises(SystemExit, match="nothing names no image of dataset dsb2018_mini_val"):
+        compare.main([*specs, "--output", str(output), "--figure-images", "nothing"])

@@ -19,7 +19,12 @@ that shows their mean and sample standard deviation. Writes to ``--output``:
   datasets), one row per method; with repetitions, a second table with every run;
 * ``ap_vs_iou.png``: paper-style mask and box AP against the IoU threshold (the paper's Fig. 5),
   for repetitions their mean with the band from the lowest to the highest run;
-* ``pr_curves.png``: mask precision-recall curves at IoU 0.5 and 0.75, one panel row per class.
+* ``pr_curves.png``: mask precision-recall curves at IoU 0.5 and 0.75, one panel row per class;
+* ``figure.png`` with ``--figure-images``: for each named image of the evaluated dataset (its
+  file name without extension, or a prefix of it that no other name shares), the image, its ground truth and each method's predictions (the
+  first run of each) side by side, instances in distinct colours. A method's predictions are
+  those of its evaluation (``coco_instances_results.json``) that score at least the threshold of
+  its biology metrics, the better-scored instance winning where two overlap.
 """
 
 import argparse
@@ -27,16 +32,27 @@ import json
 import os
 import statistics
 import sys
+from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.data import DatasetCatalog
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from objguided_d2.data import annotations_to_label_image, read_image  # noqa: E402
 from objguided_d2.engine import EVALUATION_FILE  # noqa: E402
+from objguided_d2.evaluation.bio_metrics import paint_by_score  # noqa: E402
+from objguided_d2.export import draw_overlay  # noqa: E402
 
-# The paper evaluator's report beside evaluation.json (per-IoU AP and precision-recall curves).
+# Beside evaluation.json: the paper evaluator's report (per-IoU AP and precision-recall curves),
+# the biology evaluator's (its score threshold) and detectron2's COCO results (every prediction).
 PAPER_REPORT_FILE = "paper_metrics.json"
+BIO_REPORT_FILE = "bio_metrics.json"
+COCO_RESULTS_FILE = "coco_instances_results.json"
 # (column title, task, metric) of the table, in order; a metric no run has is left out.
 COLUMNS = (
     ("APseg", "paper", "APseg"),
@@ -64,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("runs", nargs="+", metavar="[NAME=]PATH", help="evaluated runs")
     parser.add_argument("--output", required=True, help="folder for the table and plots")
     parser.add_argument("--dataset", help="dataset to compare on, for runs that evaluated several")
+    parser.add_argument(
+        "--figure-images",
+        nargs="+",
+        metavar="NAME",
+        help="images (file names without extension, or unique prefixes) to draw in figure.png",
+    )
     return parser.parse_args(argv)
 
 
@@ -91,9 +113,9 @@ def find_evaluation(path: str, dataset: str | None) -> str:
 
 
 def load_run(spec: str, dataset: str | None) -> dict:
-    """{"name", "dataset", "results", "paper"} of a ``[NAME=]PATH`` run; "paper" is the paper
-    evaluator's report, or None when it is not beside the evaluation. A spec that exists as a
-    path is a path, even with a "=" in it."""
+    """{"name", "dataset", "results", "paper", "folder"} of a ``[NAME=]PATH`` run; "paper" is the
+    paper evaluator's report, or None when it is not beside the evaluation; "folder" holds the
+    evaluation. A spec that exists as a path is a path, even with a "=" in it."""
     name, path = ("", spec) if os.path.exists(spec) or "=" not in spec else spec.split("=", 1)
     evaluation_path = find_evaluation(path, dataset)
     with open(evaluation_path) as f:
@@ -108,6 +130,7 @@ def load_run(spec: str, dataset: str | None) -> dict:
         "dataset": evaluation["dataset"],
         "results": evaluation["results"],
         "paper": paper,
+        "folder": os.path.dirname(evaluation_path),
     }
 
 
@@ -206,6 +229,66 @@ def plot_pr_curves(groups: list[list[dict]], path: str) -> None:
     save_with_legend(figure, axes[0, 0], path)
 
 
+def evaluated_predictions(run: dict) -> dict[int, list]:
+    """A run's evaluated predictions that score at least its biology score threshold, by image
+    id (COCO results: "segmentation" RLE, "score")."""
+    with open(os.path.join(run["folder"], BIO_REPORT_FILE)) as f:
+        threshold = json.load(f)["score_threshold"]
+    with open(os.path.join(run["folder"], COCO_RESULTS_FILE)) as f:
+        results = json.load(f)
+    by_image: dict[int, list] = {}
+    for result in results:
+        if result["score"] >= threshold:
+            by_image.setdefault(result["image_id"], []).append(result)
+    return by_image
+
+
+def predicted_labels(predictions: list, height: int, width: int) -> np.ndarray:
+    """(H, W) label image of one image's predictions; where two overlap, the better-scored wins."""
+    if not predictions:
+        return np.zeros((height, width), np.int64)
+    rles = [p["segmentation"] for p in predictions]
+    masks = torch.from_numpy(mask_util.decode(rles)).permute(2, 0, 1).bool()
+    return (paint_by_score(masks, torch.tensor([p["score"] for p in predictions])) + 1).numpy()
+
+
+def draw_figure(groups: list[list[dict]], names: list[str], path: str) -> None:
+    """Rows of image | ground truth | each method's predictions for the named images."""
+    dataset = groups[0][0]["dataset"]
+    records = {Path(r["file_name"]).stem: r for r in DatasetCatalog.get(dataset)}
+    chosen = []
+    for name in names:
+        matches = [stem for stem in records if stem.startswith(name)]
+        if len(matches) != 1:
+            found = "no image" if not matches else f"{len(matches)} images"
+            raise SystemExit(f"--figure-images: {name} names {found} of dataset {dataset}")
+        chosen.append(matches[0])
+    predictions = [evaluated_predictions(group[0]) for group in groups]
+    titles = ["image", "ground truth"] + [group[0]["name"] for group in groups]
+    figure, axes = plt.subplots(
+        len(names), len(titles), figsize=(2.6 * len(titles), 2.6 * len(names)), squeeze=False
+    )
+    for row, name in enumerate(chosen):
+        record = records[name]
+        image = read_image(record["file_name"], "RGB")
+        truth = annotations_to_label_image(record["annotations"], *image.shape[:2])
+        panels = [image, draw_overlay(image, truth)]
+        panels += [
+            draw_overlay(image, predicted_labels(p.get(record["image_id"], []), *truth.shape))
+            for p in predictions
+        ]
+        for column, (axis, panel) in enumerate(zip(axes[row], panels)):
+            axis.imshow(panel)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(titles[column], fontsize=10)
+        axes[row, 0].set_ylabel(name[:10], fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def group_runs(runs: list[dict], specs: list[str]) -> list[list[dict]]:
     """Runs of one given NAME form a group, in order of first appearance; runs that share only
     the method name they default to are told apart by their path instead."""
@@ -232,8 +315,12 @@ def main(argv=None) -> int:
         f.write(table)
     plot_ap_vs_iou(groups, os.path.join(args.output, "ap_vs_iou.png"))
     plot_pr_curves(groups, os.path.join(args.output, "pr_curves.png"))
+    written = "comparison.md, ap_vs_iou.png, pr_curves.png"
+    if args.figure_images:
+        draw_figure(groups, args.figure_images, os.path.join(args.output, "figure.png"))
+        written += ", figure.png"
     print(table)
-    print(f"Wrote comparison.md, ap_vs_iou.png and pr_curves.png to {args.output}/")
+    print(f"Wrote {written} to {args.output}/")
     return 0
 
 
