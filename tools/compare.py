@@ -21,10 +21,11 @@ that shows their mean and sample standard deviation. Writes to ``--output``:
   for repetitions their mean with the band from the lowest to the highest run;
 * ``pr_curves.png``: mask precision-recall curves at IoU 0.5 and 0.75, one panel row per class;
 * ``figure.png`` with ``--figure-images``: for each named image of the evaluated dataset (its
-  file name without extension, or a prefix of it that no other name shares), the image, its ground truth and each method's predictions (the
-  first run of each) side by side, instances in distinct colours. A method's predictions are
-  those of its evaluation (``coco_instances_results.json``) that score at least the threshold of
-  its biology metrics, the better-scored instance winning where two overlap.
+  file name without extension, or a prefix of it that no other name shares), the image, its
+  ground truth and each method's predictions (the first run of each) side by side, instances in
+  distinct colours. A method's predictions are those of its evaluation
+  (``coco_instances_results.json``) that score at least the threshold of its biology metrics,
+  the better-scored instance winning where two overlap.
 """
 
 import argparse
