@@ -11,6 +11,7 @@ from objguided_d2.data import BioDatasetMapper
 from objguided_d2.data.formats import mask_to_annotation
 from objguided_d2.data.transforms import ScaleShiftTransform
 from objguided_d2.evaluation import diagnose_detector, summarize_detections
+from objguided_d2.evaluation.detector_diagnostics import _object_points
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -56,6 +57,7 @@ def test_a_detector_that_predicts_its_targets_finds_every_object_at_its_size(
     assert summary["detections_per_image"] == 4 and summary["center_recall"] == 1.0
     assert summary["median_width_ratio"] == pytest.approx(1.0)
     assert [row["objects"] for row in summary["by_size"]] == [2, 1, 1, 0]
+    assert summary["box_center_on_object"] == 1.0
 
 
 def test_summary_of_undersized_and_missed_objects():
@@ -73,3 +75,18 @@ def test_summary_of_undersized_and_missed_objects():
     assert by_size[(0, 20)]["median_height_ratio"] == pytest.approx(0.8)
     assert by_size[(40, 80)]["matched"] == 0 and by_size[(40, 80)]["center_recall"] == 0
     assert by_size[(80, float("inf"))]["center_recall"] == 1
+
+
+def test_object_points_of_a_cell_with_a_protrusion():
+    """A 9 x 9 body with a long arm: the box centre is background, the innermost pixel is the
+    body's centre; points are scaled to the network input."""
+    cell = np.zeros((40, 80), bool)
+    cell[0:9, 0:9] = True
+    cell[0:3, 9:80] = True  # along the top: the box centre (40, 4.5) misses it
+    square = np.zeros((40, 80), bool)
+    square[20:30, 20:30] = True
+    record = {"height": 40, "width": 80,
+              "annotations": [mask_to_annotation(cell), mask_to_annotation(square)]}  # fmt: skip
+    points, on_object = _object_points(record, (80, 160))
+    assert on_object.tolist() == [False, True]
+    assert points[0].tolist() == [9.0, 9.0]  # pixel (4, 4), centre (4.5, 4.5), scaled by 2

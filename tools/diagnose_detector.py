@@ -5,8 +5,9 @@
         --weights output/compact/dsb2018_objguided/model_final.pth --dataset dsb2018_val
 
 Prints, and writes as JSON with ``--output``: detections and objects per image, the share of
-objects whose center the heatmap finds (center recall), and how the sizes of the detections that
-match an object (box IoU > 0.5) compare with the object's, in all and per object size (see
+objects whose center the heatmap finds (center recall), how the sizes of the detections that
+match an object (box IoU > 0.5) compare with the object's, in all and per object size, and the
+share of objects whose box centre lies on the object (see
 :mod:`objguided_d2.evaluation.detector_diagnostics`). A detection counts from
 ``--score-thresh`` (default: the model's MODEL.OBJGUIDED.SCORE_THRESH_TEST).
 """
@@ -53,7 +54,8 @@ def main(argv=None) -> dict:
     print(
         f"{args.dataset}: {summary['images']} images, {summary['objects_per_image']:.1f} objects "
         f"and {summary['detections_per_image']:.1f} detections (score >= {thresh}) per image; "
-        f"center recall {summary['center_recall']:.3f}"
+        f"center recall {summary['center_recall']:.3f}; box centre on the object for "
+        f"{summary['box_center_on_object']:.3f} of the objects"
     )
     print("object size (px) | objects | center recall | matched | median pred/true width | height")
     for row in [{"size": ("all", ""), **summary}] + summary["by_size"]:

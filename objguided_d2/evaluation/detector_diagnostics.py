@@ -12,7 +12,8 @@ resizes the image):
 
 Summaries: center recall (share of objects whose center peak reaches the threshold), detections
 and objects per image, and the median predicted / true width and height over matched objects, in
-all and per object size.
+all and per object size; and, a property of the data, the share of objects whose box centre
+lies on the object itself (not on background or a neighbour).
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def diagnose_detector(
         score_thresh: center score a detection needs.
 
     Returns:
-        :func:`summarize_detections` of the per-object measurements.
+        :func:`summarize_detections` of the per-object measurements, plus
+        "box_center_on_object".
     """
     generator = model.proposal_generator
-    peaks, gt_sizes, pred_sizes, detections = [], [], [], []
+    peaks, gt_sizes, pred_sizes, detections, centered = [], [], [], [], []
     for record, mapped in inputs:
         images = model.preprocess_image([mapped])
         features = model.backbone(images.tensor)
@@ -59,16 +61,19 @@ def diagnose_detector(
         gt = _input_boxes(record, (height, width))
         kept = proposals[proposals.objectness_logits.sigmoid() >= score_thresh]
         detections.append(len(kept))
-        if generator.center_point == "interior":
-            keypoints = _input_interior_points(record, (height, width))
-        else:
-            keypoints = (gt[:, :2] + gt[:, 2:]) / 2
+        interior, center_on_object = _object_points(record, (height, width))
+        centered.append(center_on_object)
+        keypoints = (
+            interior if generator.center_point == "interior" else (gt[:, :2] + gt[:, 2:]) / 2
+        )
         peaks.append(_peaks_at(heatmap.sigmoid().amax(dim=1)[0], keypoints, generator.stride))
         gt_sizes.append(gt[:, 2:] - gt[:, :2])
         pred_sizes.append(_matched_sizes(gt, kept.proposal_boxes.tensor))
-    return summarize_detections(
+    summary = summarize_detections(
         torch.cat(peaks), torch.cat(gt_sizes), torch.cat(pred_sizes), detections, score_thresh
     )
+    summary["box_center_on_object"] = float(np.concatenate(centered).mean())
+    return summary
 
 
 def _input_boxes(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
@@ -82,16 +87,22 @@ def _input_boxes(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
 
 
-def _input_interior_points(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
-    """(G, 2) innermost pixel of each ground-truth mask of a record, scaled to the network input."""
+def _object_points(record: dict, input_hw: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
+    """Of each ground-truth mask of a record: its innermost pixel (G, 2), scaled to the network
+    input, and whether its box's centre pixel lies on it (G,)."""
     annotations = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
     height, width = record["height"], record["width"]
     points = np.zeros((len(annotations), 2), np.float32)
+    on_object = np.zeros(len(annotations), bool)
     for index, annotation in enumerate(annotations):
         mask = mask_util.decode(segmentation_to_rle(annotation["segmentation"], height, width))
         mask = mask.astype(bool)[None]
-        points[index] = interior_points(mask, tight_boxes(mask))[0]
-    return torch.from_numpy(points) * torch.tensor([input_hw[1] / width, input_hw[0] / height])
+        box = tight_boxes(mask)
+        points[index] = interior_points(mask, box)[0]
+        x, y = ((box[0, :2] + box[0, 2:]) / 2).astype(int)
+        on_object[index] = mask[0, min(y, height - 1), min(x, width - 1)]
+    scale = torch.tensor([input_hw[1] / width, input_hw[0] / height])
+    return torch.from_numpy(points) * scale, on_object
 
 
 def _peaks_at(heatmap: torch.Tensor, keypoints: torch.Tensor, stride: int) -> torch.Tensor:
