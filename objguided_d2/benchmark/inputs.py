@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
 
 from objguided_d2.data import BioDatasetMapper
-from objguided_d2.data.mapper import tight_boxes
+from objguided_d2.data.mapper import interior_points, tight_boxes
 from objguided_d2.data.synthetic import Cell, rasterize_cells, render_scene
 
 
@@ -131,7 +131,8 @@ def build_input_sets(
 
 def training_batch(size: int, batch_size: int, num_objects: int, channels: int) -> list[dict]:
     """``batch_size`` synthetic scenes (seeds 1, 2, ...) of ``num_objects`` objects as training
-    inputs: "image" (C, size, size) uint8 and "instances" with boxes, class 0 and masks."""
+    inputs: "image" (C, size, size) uint8 and "instances" with boxes, class 0, masks and
+    interior points."""
     batch = []
     for seed in range(1, batch_size + 1):
         sample = synthetic_sample(num_objects, size, seed, channels)
@@ -139,5 +140,9 @@ def training_batch(size: int, batch_size: int, num_objects: int, channels: int) 
         instances.gt_boxes = Boxes(sample.boxes)
         instances.gt_classes = torch.zeros(len(sample.boxes), dtype=torch.int64)
         instances.gt_masks = BitMasks(sample.masks)
+        # The keypoints of MODEL.OBJGUIDED.CENTER_POINT "interior" (other models ignore them).
+        masks = sample.masks.numpy().astype(bool)
+        points = interior_points(masks, sample.boxes.numpy())
+        instances.gt_interior_points = torch.from_numpy(points)
         batch.append({"image": sample.inputs["image"], "instances": instances})
     return batch
