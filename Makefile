@@ -35,8 +35,9 @@ OPTS :=
 DEMO_CONFIG := configs/compact/dsb2018_mini_objguided.yaml
 DEMO_DIR := output/demo
 DEMO_EVALUATION := $(DEMO_DIR)/inference/dsb2018_mini_val/evaluation.json
+DEMO_TRAIN := $(TRAIN) --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_DIR) $(OPTS)
 demo: setup
-	$(TRAIN) --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_DIR) $(OPTS)
+	$(DEMO_TRAIN)
 	$(RUN) tools/predict.py --config-file $(DEMO_CONFIG) --weights $(DEMO_DIR)/model_final.pth \
 		--dataset dsb2018_mini_val --output $(DEMO_DIR)/predictions --score-threshold 0.3 $(OPTS)
 	@echo "Outputs of make demo:"
@@ -53,7 +54,7 @@ COMPARE_DIR := output/compare
 FIGURE_IMAGES := c53326fe 07fb37aa f952cc65 8f94a80b
 compare: setup
 	@if [ -f $(DEMO_EVALUATION) ]; then echo "Reusing the ObjGuided run of make demo ($(DEMO_DIR))"; \
-	else $(TRAIN) --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_DIR) $(OPTS); fi
+	else $(DEMO_TRAIN); fi
 	$(TRAIN) --config-file configs/compact/dsb2018_mini_pointrend.yaml \
 		OUTPUT_DIR $(COMPARE_DIR)/pointrend $(OPTS)
 	$(TRAIN) --config-file configs/compact/dsb2018_mini_mask_rcnn.yaml \

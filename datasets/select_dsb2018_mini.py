@@ -76,10 +76,11 @@ def select(source: Path, split: str, column: int) -> list[dict]:
         image, labels, overlap = read_sample(source, image_id)
         areas = np.bincount(labels.ravel())[1:]
         areas = areas[areas > 0]
-        by_kind[image_kind(image)].append(
+        kind = image_kind(image)
+        by_kind[kind].append(
             {
                 "id": image_id,
-                "kind": image_kind(image),
+                "kind": kind,
                 "image": image,
                 "labels": labels,
                 "overlap": overlap,

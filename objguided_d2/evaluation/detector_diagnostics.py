@@ -100,7 +100,7 @@ def _object_points(record: dict, input_hw: Sequence[int]) -> tuple[torch.Tensor,
         box = tight_boxes(mask)
         points[index] = interior_points(mask, box)[0]
         x, y = ((box[0, :2] + box[0, 2:]) / 2).astype(int)
-        on_object[index] = mask[0, min(y, height - 1), min(x, width - 1)]
+        on_object[index] = mask[0, y, x]  # inside the image: the box is the mask's
     scale = torch.tensor([input_hw[1] / width, input_hw[0] / height])
     return torch.from_numpy(points) * scale, on_object
 
