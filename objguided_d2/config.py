@@ -60,6 +60,10 @@ def add_objguided_config(cfg: CN) -> None:
     # The same for the predicted boxes at inference; 0: BOX_ENLARGE. The mask branch segments its
     # whole ROI, so a wider one recovers the parts of an object that a too small box cuts off.
     _C.BOX_ENLARGE_TEST = 0.0
+    # Training ROIs: each ground-truth box shifted by up to half this fraction of its size and its
+    # sides scaled by 1 +- this (uniform), so that the mask branch also learns from boxes that are
+    # off, as predicted ones are at inference. 0: the exact boxes (authors).
+    _C.TRAIN_BOX_JITTER = 0.0
     _C.MIN_ROI_SIZE = 2.0            # crop levels stop at the first one with an ROI side below this
     # Feature maps cropped at strides 2, 4, 8, 16 (stride 1 is a two-conv stem on the image).
     _C.ROI_FEATURES = ["stem", "dec4", "dec8", "dec16"]

@@ -13,6 +13,7 @@ from objguided_d2.modeling.roi_crops import (
     crop_roi_groups,
     crop_rois,
     group_rois,
+    jitter_boxes,
     valid_mask,
 )
 
@@ -48,6 +49,21 @@ def test_pyramid_subset_and_custom_levels():
     assert pyramid.level_hw.tolist() == [[[10, 10], [0, 0]], [[20, 40], [5, 10]]]
     sub = pyramid[torch.tensor([1])]
     assert len(sub) == 1 and sub.level_hw.tolist() == [[[20, 40], [5, 10]]]
+
+
+def test_jittered_boxes_stay_within_their_shift_and_scale_bounds():
+    torch.manual_seed(0)
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]]).repeat(2000, 1)  # 20 x 40, centre (20, 40)
+    jittered = jitter_boxes(boxes, 0.2)
+    centers = (jittered[:, :2] + jittered[:, 2:]) / 2
+    sizes = jittered[:, 2:] - jittered[:, :2]
+    shift = (centers - torch.tensor([20.0, 40.0])) / torch.tensor([20.0, 40.0])
+    scale = sizes / torch.tensor([20.0, 40.0])
+    assert shift.abs().max() <= 0.1 + 1e-6 and scale.min() >= 0.8 - 1e-6 and scale.max() <= 1.2
+    # uniform draws: both ends of each range are reached, and the axes vary independently
+    assert shift.abs().max() > 0.09 and scale.min() < 0.81 and scale.max() > 1.19
+    assert abs(torch.corrcoef(scale.T)[0, 1]) < 0.1
+    assert torch.equal(jitter_boxes(boxes[:3], 0.0), boxes[:3])
 
 
 def test_crop_of_linear_ramp_is_exact_at_the_cell_positions():

@@ -326,6 +326,22 @@ def test_max_train_rois_per_image_caps_the_rois():
         assert not mask[h:].any() and not mask[:, w:].any()
 
 
+def test_training_rois_are_jittered_and_their_masks_kept():
+    targets = targets_of_rois()
+    exact = make_heads(refine_enabled=False).train()._training_rois(targets, (96, 128))
+    torch.manual_seed(0)
+    heads = make_heads(train_box_jitter=0.2, refine_enabled=False).train()
+    boxes, batch_index, masks = heads._training_rois(targets, (96, 128))
+    assert torch.equal(batch_index, exact[1]) and torch.equal(masks, exact[2])
+    sizes = exact[0][:, 2:] - exact[0][:, :2]
+    scale = (boxes[:, 2:] - boxes[:, :2]) / sizes
+    shift = ((boxes[:, :2] + boxes[:, 2:]) - (exact[0][:, :2] + exact[0][:, 2:])) / 2 / sizes
+    assert not torch.equal(boxes, exact[0])
+    assert ((scale - 1).abs() <= 0.2 + 1e-6).all() and (shift.abs() <= 0.1 + 1e-6).all()
+    with pytest.raises(ValueError, match="train_box_jitter"):
+        make_heads(train_box_jitter=1.0)
+
+
 class OracleHeads(ObjGuidedROIHeads):
     """Heads whose mask logits are the soft crops of known masks (one per ROI)."""
 

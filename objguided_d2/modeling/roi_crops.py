@@ -164,6 +164,18 @@ def build_roi_pyramid(
     )
 
 
+def jitter_boxes(boxes: torch.Tensor, amount: float) -> torch.Tensor:
+    """(R, 4) XYXY boxes moved and resized at random, as a detector errs: each centre shifted by up
+    to ``amount / 2`` of the box's width (x) and height (y), each side length scaled by a factor in
+    [1 - amount, 1 + amount]; uniform draws, independent per box and axis (torch's global RNG)."""
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    noise = torch.rand(len(boxes), 4, dtype=boxes.dtype, device=boxes.device) * 2 - 1
+    centers = centers + noise[:, :2] * (amount / 2) * sizes
+    sizes = sizes * (1 + noise[:, 2:] * amount)
+    return torch.cat([centers - sizes / 2, centers + sizes / 2], dim=1)
+
+
 def valid_mask(hw: torch.Tensor, pad_hw: Sequence[int]) -> torch.Tensor:
     """(R, 1, Hp, Wp) bool mask of each ROI's top-left h x w valid region; hw: (R, 2) (h, w)."""
     rows = torch.arange(pad_hw[0], device=hw.device)

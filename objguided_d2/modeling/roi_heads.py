@@ -39,6 +39,7 @@ from .roi_crops import (
     crop_one_roi,
     crop_roi_groups,
     group_rois,
+    jitter_boxes,
     valid_mask,
 )
 
@@ -92,6 +93,7 @@ class ObjGuidedROIHeads(nn.Module):
         instance_norm_affine: bool = False,
         box_enlarge: float = 1.1,
         box_enlarge_test: float | None = None,
+        train_box_jitter: float = 0.0,
         min_roi_size: float = 2.0,
         mask_loss_weight: float = 2.0,
         mask_thresh_test: float = 0.53,
@@ -121,6 +123,9 @@ class ObjGuidedROIHeads(nn.Module):
                 Eq. 6) or none (authors' code).
             box_enlarge: ROIs are the boxes scaled by this about their centre.
             box_enlarge_test: the same at inference, for the predicted boxes; None: ``box_enlarge``.
+            train_box_jitter: in training, the ground-truth boxes' random shift (up to half this
+                fraction of their size) and rescaling (1 +- this) before enlargement; 0: none
+                (see :func:`.roi_crops.jitter_boxes`).
             min_roi_size: levels stop at the first whose ROI side is below this.
             mask_loss_weight: weight of the mask BCE.
             mask_thresh_test: pasted value at or above which a pixel is foreground.
@@ -146,10 +151,13 @@ class ObjGuidedROIHeads(nn.Module):
             raise ValueError(
                 f"refine_sampling must be 'biased' or 'uniform', got {refine_sampling!r}"
             )
+        if not 0.0 <= train_box_jitter < 1.0:
+            raise ValueError(f"train_box_jitter must be in [0, 1), got {train_box_jitter}")
         self.in_features = list(in_features)
         self.strides = (1, *in_strides)
         self.box_enlarge = box_enlarge
         self.box_enlarge_test = box_enlarge if box_enlarge_test is None else box_enlarge_test
+        self.train_box_jitter = train_box_jitter
         self.min_roi_size = min_roi_size
         self.mask_loss_weight = mask_loss_weight
         self.mask_thresh_test = mask_thresh_test
@@ -205,6 +213,7 @@ class ObjGuidedROIHeads(nn.Module):
             "instance_norm_affine": og.INSTANCE_NORM_AFFINE,
             "box_enlarge": og.BOX_ENLARGE,
             "box_enlarge_test": og.BOX_ENLARGE_TEST or None,
+            "train_box_jitter": og.TRAIN_BOX_JITTER,
             "min_roi_size": og.MIN_ROI_SIZE,
             "mask_loss_weight": og.MASK_LOSS_WEIGHT,
             "mask_thresh_test": og.MASK_THRESH_TEST,
@@ -422,7 +431,8 @@ class ObjGuidedROIHeads(nn.Module):
         self, targets: list[Instances], padded_hw: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ground-truth boxes (R, 4), their image (R,) and their masks (R, H, W) bool, padded to
-        the batch's padded size; at most ``max_train_rois_per_image`` random ones per image."""
+        the batch's padded size; at most ``max_train_rois_per_image`` random ones per image, the
+        boxes jittered by ``train_box_jitter``."""
         boxes, batch_index, masks = [], [], []
         for image_index, target in enumerate(targets):
             keep = torch.arange(len(target), device=target.gt_boxes.device)
@@ -439,7 +449,10 @@ class ObjGuidedROIHeads(nn.Module):
             boxes.append(target.gt_boxes.tensor[keep])
             batch_index.append(torch.full_like(keep, image_index))
             masks.append(F.pad(image_masks, (0, padded_hw[1] - width, 0, padded_hw[0] - height)))
-        return torch.cat(boxes), torch.cat(batch_index), torch.cat(masks)
+        boxes = torch.cat(boxes)
+        if self.train_box_jitter > 0:
+            boxes = jitter_boxes(boxes, self.train_box_jitter)
+        return boxes, torch.cat(batch_index), torch.cat(masks)
 
     def _refine_losses(self, out: GroupOutput, gt: torch.Tensor) -> list[torch.Tensor]:
         """Per-ROI mean BCE of each point head at the group's uncertain points (ROIs without a
