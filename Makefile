@@ -43,7 +43,7 @@ demo: setup
 	@echo "Outputs of make demo:"
 	@echo "  training log and metrics: $(DEMO_DIR)/log.txt, $(DEMO_DIR)/metrics.json"
 	@echo "  evaluation (every metric): $(DEMO_EVALUATION)"
-	@echo "  predictions: $(DEMO_DIR)/predictions/ (*_labels.tif, *_overlay.png, predictions.json)"
+	@echo "  predictions: $(DEMO_DIR)/predictions/ (*_labels.tif, *_overlay.png, *_predictions.json, predictions.json)"
 
 # Mask R-CNN and PointRend trained on the same bundled nuclei with the same recipe, budget and
 # evaluators; reuses the ObjGuided run of `make demo` when it is there. Writes the side-by-side

@@ -19,6 +19,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from helpers import REPO, load_tool
 
+from objguided_d2.data import BioDatasetMapper
 from objguided_d2.engine import load_config
 from objguided_d2.export import (
     MAX_LABEL,
@@ -219,16 +220,49 @@ def test_predict_score_threshold_drops_instances_from_every_output(stub_predict,
     assert sorted(os.listdir(output)) == [
         "gray8_labels.tif",
         "gray8_overlay.png",
+        "gray8_predictions.json",
         "predictions.json",
     ]
+    assert json.loads((output / "gray8_predictions.json").read_text()) == predictions
 
 
 def test_predict_skips_an_unreadable_image_and_reports_it(stub_predict, images, tmp_path, capsys):
     (images / "broken.png").write_bytes(b"not a png")
     output = tmp_path / "out"
+    output.mkdir()
+    # an earlier run's results for the image must not stand for it now
+    (output / "broken_predictions.json").write_text('[{"image_id": 0, "score": 1.0}]')
     assert stub_predict("--input", images, "--output", output) == 1
     assert "broken.png" in capsys.readouterr().err
     assert (output / "gray8_labels.tif").is_file() and not (output / "broken_labels.tif").exists()
+    assert not (output / "broken_predictions.json").exists()
+    predictions = json.loads((output / "predictions.json").read_text())
+    assert len(predictions) == 9 and str(images / "broken.png") not in {
+        r["file_name"] for r in predictions
+    }
+
+
+def test_predict_skip_existing_resumes_an_interrupted_run(
+    stub_predict, images, tmp_path, monkeypatch
+):
+    output = tmp_path / "out"
+    assert stub_predict("--input", images, "--output", output) == 0
+    complete = (output / "predictions.json").read_text()
+    # interrupted: one image without its results file, one whose overlay was never written
+    (output / "color_predictions.json").unlink()
+    (output / "gray8_overlay.png").unlink()
+    (output / "predictions.json").unlink()
+    predicted = []
+    mapper_call = BioDatasetMapper.__call__
+    monkeypatch.setattr(
+        BioDatasetMapper,
+        "__call__",
+        lambda self, record: predicted.append(record["file_name"]) or mapper_call(self, record),
+    )
+    assert stub_predict("--input", images, "--output", output, "--skip-existing") == 0
+    assert predicted == [str(images / "color.jpg"), str(images / "gray8.png")]
+    assert (output / "predictions.json").read_text() == complete
+    assert (output / "gray8_overlay.png").is_file()
 
 
 def test_collect_images_and_output_names(tmp_path):
@@ -280,6 +314,45 @@ def test_predict_script_round_trips_a_real_architecture(tmp_path):
     assert label_image.dtype == np.uint16 and label_image.shape == (90, 120)
     assert len(np.unique(label_image)) > 2  # overlapping instances, not an empty image
     assert (label_image == painted(predictions, (90, 120))).all()
+
+
+@pytest.mark.slow
+def test_predict_on_two_processes_writes_what_one_process_writes(tmp_path):
+    """Images spread over 2 CPU processes (detectron2's launch, Gloo): the same files."""
+    opts = ["INPUT.IMAGE_SIZE", "96", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    config = REPO / "configs/compact/synthetic_neural_mask_rcnn.yaml"
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(load_config(str(config), opts)), save_dir=str(tmp_path)).save(
+        "random"
+    )
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(3):
+        tifffile.imwrite(
+            folder / f"cells{k}.tif", rng.integers(0, 4096, (70, 80 + 5 * k), np.uint16)
+        )
+    outputs = {}
+    for processes in (1, 2):
+        outputs[processes] = tmp_path / f"out{processes}"
+        process = subprocess.run(
+            [
+                sys.executable, "tools/predict.py", "--config-file", str(config),
+                "--weights", str(tmp_path / "random.pth"), "--input", str(folder),
+                "--output", str(outputs[processes]), "--device", "cpu",
+                "--num-gpus", str(processes), *opts,
+            ],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert process.returncode == 0, process.stderr[-3000:]
+    files = sorted(os.listdir(outputs[1]))
+    assert files == sorted(os.listdir(outputs[2])) and len(files) == 10
+    predictions = json.loads((outputs[1] / "predictions.json").read_text())
+    assert [r["image_id"] for r in predictions] == sorted(r["image_id"] for r in predictions)
+    assert {r["image_id"] for r in predictions} == {0, 1, 2}
+    for name in files:
+        assert (outputs[1] / name).read_bytes() == (outputs[2] / name).read_bytes(), name
 
 
 def test_predict_a_registered_dataset_keeps_its_image_ids(stub_predict, images, tmp_path):

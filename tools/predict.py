@@ -14,9 +14,16 @@ dataset. For each image ``<name>.<ext>`` the output folder receives
   :mod:`objguided_d2.export`);
 * ``<name>_overlay.png``: the instances drawn over the image;
 
-and ``predictions.json`` holds every prediction in COCO results format (RLE masks of the unresolved
-instances) with its ``file_name`` and its ``label`` in the label image. An image that cannot be
-read is reported and skipped; the exit status is then 1.
+* ``<name>_predictions.json``: its predictions in COCO results format (RLE masks of the unresolved
+  instances), each with its ``file_name`` and its ``label`` in the label image; written last, so
+  it marks the image done;
+
+and ``predictions.json`` gathers every image's results in input order at the end. Images stream
+through one at a time (nothing accumulates), so a folder of any length runs in bounded memory;
+``--skip-existing`` skips images whose outputs are all there, so an interrupted run resumes where
+it stopped; ``--num-gpus N`` spreads the images over N processes through detectron2's ``launch``
+(one per GPU, or N sharing the cores of a CPU-only machine over Gloo), each writing its own share.
+An image that cannot be read is reported and skipped; the exit status is then 1.
 """
 
 import argparse
@@ -30,12 +37,14 @@ import cv2
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import launch
 from detectron2.modeling import build_model
+from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from objguided_d2.data import BioDatasetMapper, ImageReadError, read_image
-from objguided_d2.engine import architecture_name, load_config
+from objguided_d2.engine import architecture_name, leave_process_group, load_config, share_cpu_cores
 from objguided_d2.export import (
     draw_overlay,
     instances_to_label_image,
@@ -45,6 +54,8 @@ from objguided_d2.export import (
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PREDICTIONS_FILE = "predictions.json"
+# Per-image outputs; the results file is written last and marks the image done.
+LABELS_SUFFIX, OVERLAY_SUFFIX, RESULTS_SUFFIX = "_labels.tif", "_overlay.png", "_predictions.json"
 
 logger = logging.getLogger("objguided_d2.predict")
 
@@ -67,6 +78,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+    )
+    parser.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip images whose outputs are all in --output (resume an interrupted run)",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help="processes to spread the images over: one per GPU, or sharing the CPU's cores",
     )
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs", default=[]
@@ -113,53 +135,108 @@ def dataset_category_ids(cfg) -> list[int] | None:
     return [dataset_id for dataset_id, _ in sorted(mapping.items(), key=lambda item: item[1])]
 
 
+def image_outputs(output: str, name: str) -> list[str]:
+    """Paths of one image's outputs, the results file (written last) at the end."""
+    return [
+        os.path.join(output, name + suffix)
+        for suffix in (LABELS_SUFFIX, OVERLAY_SUFFIX, RESULTS_SUFFIX)
+    ]
+
+
+def predict_share(
+    args: argparse.Namespace, images: list[tuple[str, int]], names: list[str]
+) -> None:
+    """Predict this process's share of the images (every world-size-th from its rank) and write
+    their outputs; run by detectron2's ``launch``, in this process when there is one."""
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{comm.get_local_rank()}"
+    cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", device])
+    share_cpu_cores(device)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(args.weights)
+    model.eval()
+    mapper = BioDatasetMapper(cfg, is_train=False)
+    category_ids = dataset_category_ids(cfg)
+
+    share = range(rank, len(images), world_size)
+    if args.skip_existing:
+        done = [i for i in share if all(map(os.path.isfile, image_outputs(args.output, names[i])))]
+        if done:
+            logger.info(f"Skipping {len(done)} image(s) whose outputs exist")
+        share = sorted(set(share) - set(done))
+    desc = "predict" if world_size == 1 else f"predict [{rank + 1}/{world_size}]"
+    for index in tqdm(share, desc=desc, unit="image", position=rank):
+        path, image_id = images[index]
+        labels_path, overlay_path, results_path = image_outputs(args.output, names[index])
+        # A failure must not leave an earlier run's results standing for this image.
+        if os.path.exists(results_path):
+            os.remove(results_path)
+        try:
+            inputs = mapper({"file_name": path, "image_id": image_id})
+            rgb = read_image(path, "RGB")
+        except (FileNotFoundError, ImageReadError) as err:
+            logger.error(str(err))
+            continue
+        with torch.inference_mode():
+            instances = model([inputs])[0]["instances"].to("cpu")
+        instances = instances[instances.scores >= args.score_threshold]
+        label_image, labels = instances_to_label_image(instances)
+        write_label_tiff(labels_path, label_image)
+        cv2.imwrite(overlay_path, draw_overlay(rgb, label_image)[:, :, ::-1])
+        results = instances_to_results(instances, image_id, path, labels, category_ids)
+        with open(results_path + ".tmp", "w") as f:
+            json.dump(results, f)
+        os.replace(results_path + ".tmp", results_path)
+    leave_process_group()
+
+
+def merge_results(output: str, names: list[str]) -> tuple[int, list[int]]:
+    """Write ``predictions.json``: every image's results in input order, one image in memory at
+    a time. Returns the number of results and the indices of the images without results."""
+    path, missing, count = os.path.join(output, PREDICTIONS_FILE), [], 0
+    with open(path + ".tmp", "w") as merged:
+        merged.write("[")
+        for index, name in enumerate(names):
+            results_path = image_outputs(output, name)[-1]
+            if not os.path.isfile(results_path):
+                missing.append(index)
+                continue
+            with open(results_path) as f:
+                for result in json.load(f):
+                    merged.write((", " if count else "") + json.dumps(result))
+                    count += 1
+        merged.write("]")
+    os.replace(path + ".tmp", path)
+    return count, missing
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger(name="objguided_d2")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", device])
-
+    if args.num_gpus < 1:
+        raise SystemExit(f"--num-gpus must be at least 1, got {args.num_gpus}")
+    cfg = load_config(args.config_file, args.opts)
     if args.dataset:
         records = DatasetCatalog.get(args.dataset)
         images = [(r["file_name"], r.get("image_id", i)) for i, r in enumerate(records)]
     else:
         images = [(path, index) for index, path in enumerate(collect_images(args.input))]
     names = output_names([path for path, _ in images])
-
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
-    model.eval()
-    mapper = BioDatasetMapper(cfg, is_train=False)
-    category_ids = dataset_category_ids(cfg)
     os.makedirs(args.output, exist_ok=True)
 
-    results, failed = [], []
-    for (path, image_id), name in zip(tqdm(images, desc="predict", unit="image"), names):
-        try:
-            inputs = mapper({"file_name": path, "image_id": image_id})
-            rgb = read_image(path, "RGB")
-        except (FileNotFoundError, ImageReadError) as err:
-            logger.error(str(err))
-            failed.append(path)
-            continue
-        with torch.inference_mode():
-            instances = model([inputs])[0]["instances"].to("cpu")
-        instances = instances[instances.scores >= args.score_threshold]
-        label_image, labels = instances_to_label_image(instances)
-        write_label_tiff(os.path.join(args.output, f"{name}_labels.tif"), label_image)
-        overlay = draw_overlay(rgb, label_image)
-        cv2.imwrite(os.path.join(args.output, f"{name}_overlay.png"), overlay[:, :, ::-1])
-        results.extend(instances_to_results(instances, image_id, path, labels, category_ids))
+    launch(predict_share, args.num_gpus, dist_url="auto", args=(args, images, names))
 
-    predictions_path = os.path.join(args.output, PREDICTIONS_FILE)
-    with open(predictions_path, "w") as f:
-        json.dump(results, f)
+    count, missing = merge_results(args.output, names)
     print(
-        f"{architecture_name(cfg)}: {len(results)} instances in {len(images) - len(failed)} "
-        f"images -> {args.output}/ (<name>_labels.tif, <name>_overlay.png, {PREDICTIONS_FILE})"
+        f"{architecture_name(cfg)}: {count} instances in {len(images) - len(missing)} "
+        f"images -> {args.output}/ (<name>{LABELS_SUFFIX}, <name>{OVERLAY_SUFFIX}, "
+        f"<name>{RESULTS_SUFFIX}, {PREDICTIONS_FILE})"
     )
-    if failed:
-        print(f"Skipped {len(failed)} unreadable image(s): {', '.join(failed)}", file=sys.stderr)
+    if missing:
+        failed = ", ".join(images[index][0] for index in missing)
+        print(f"Skipped {len(missing)} unreadable image(s): {failed}", file=sys.stderr)
         return 1
     return 0
 

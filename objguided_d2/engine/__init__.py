@@ -10,6 +10,7 @@ from .trainer import (
     leave_process_group,
     load_config,
     setup,
+    share_cpu_cores,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "leave_process_group",
     "load_config",
     "setup",
+    "share_cpu_cores",
 ]

@@ -80,11 +80,16 @@ def setup(args) -> CfgNode:
     cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="objguided_d2")
-    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
-        # Processes sharing a machine's cores each take their share: oversubscribed OpenMP
-        # threads slow CPU training down by an order of magnitude.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    share_cpu_cores(cfg.MODEL.DEVICE)
     return cfg
+
+
+def share_cpu_cores(device: str) -> None:
+    """Give each of several processes on one machine's CPUs its share of the cores (nothing on a
+    GPU or in a single process): oversubscribed OpenMP threads slow them down by an order of
+    magnitude."""
+    if device == "cpu" and comm.get_local_size() > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
 
 
 def architecture_name(cfg: CfgNode) -> str:
