@@ -35,7 +35,6 @@ import sys
 
 import cv2
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import launch
 from detectron2.modeling import build_model
@@ -44,7 +43,14 @@ from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from objguided_d2.data import BioDatasetMapper, ImageReadError, read_image
-from objguided_d2.engine import architecture_name, leave_process_group, load_config, share_cpu_cores
+from objguided_d2.engine import (
+    WeightsMismatchError,
+    architecture_name,
+    leave_process_group,
+    load_config,
+    load_trained_weights,
+    share_cpu_cores,
+)
 from objguided_d2.export import (
     draw_overlay,
     instances_to_label_image,
@@ -78,6 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+    )
+    parser.add_argument(
+        "--allow-mismatched-weights",
+        action="store_true",
+        help="run with a checkpoint that lacks some of the model's parameters or has other "
+        "shapes for them (those keep random values); refused by default",
     )
     parser.add_argument(
         "--skip-existing",
@@ -155,7 +167,7 @@ def predict_share(
     cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", device])
     share_cpu_cores(device)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
+    load_weights(model, args)
     model.eval()
     mapper = BioDatasetMapper(cfg, is_train=False)
     category_ids = dataset_category_ids(cfg)
@@ -212,6 +224,14 @@ def merge_results(output: str, names: list[str]) -> tuple[int, list[int]]:
     return count, missing
 
 
+def load_weights(model, args: argparse.Namespace) -> None:
+    """Load ``--weights`` into ``model``; exit with one sentence when it does not fit."""
+    try:
+        load_trained_weights(model, args.weights, allow_mismatch=args.allow_mismatched_weights)
+    except (WeightsMismatchError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger(name="objguided_d2")
@@ -225,6 +245,12 @@ def main(argv=None) -> int:
         images = [(path, index) for index, path in enumerate(collect_images(args.input))]
     names = output_names([path for path, _ in images])
     os.makedirs(args.output, exist_ok=True)
+    if args.num_gpus > 1:
+        # Checked here, once: a worker process's error would reach the user as a traceback.
+        cpu_cfg = cfg.clone()
+        cpu_cfg.defrost()
+        cpu_cfg.MODEL.DEVICE = "cpu"
+        load_weights(build_model(cpu_cfg), args)
 
     launch(predict_share, args.num_gpus, dist_url="auto", args=(args, images, names))
 

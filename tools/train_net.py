@@ -11,7 +11,9 @@
 CPU-only machine); ``--num-machines`` / ``--machine-rank`` / ``--dist-url`` span machines. Training
 logs losses, learning rate and ETA, and writes TensorBoard events, ``metrics.json``, checkpoints
 and ``config.yaml`` to OUTPUT_DIR. Evaluation (after training, or with ``--eval-only``) prints a
-table and writes OUTPUT_DIR/inference/<dataset>/evaluation.json.
+table and writes OUTPUT_DIR/inference/<dataset>/evaluation.json. ``--eval-only`` refuses a
+checkpoint that lacks parameters of the config's model or has other shapes for them, and no
+checkpoint at all, unless ``--allow-mismatched-weights``.
 """
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -19,16 +21,28 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from objguided_d2.engine import Trainer, leave_process_group, setup
+from objguided_d2.engine import (
+    Trainer,
+    WeightsMismatchError,
+    leave_process_group,
+    load_trained_weights,
+    setup,
+)
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        # --resume evaluates the run's last checkpoint; a checkpoint must fit the model.
+        weights = cfg.MODEL.WEIGHTS
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        if args.resume and checkpointer.has_checkpoint():
+            weights = checkpointer.get_checkpoint_file()
+        try:
+            load_trained_weights(model, weights, allow_mismatch=args.allow_mismatched_weights)
+        except (WeightsMismatchError, FileNotFoundError) as err:
+            raise SystemExit(str(err)) from None
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -40,8 +54,19 @@ def main(args):
     return results
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--allow-mismatched-weights",
+        action="store_true",
+        help="--eval-only with a checkpoint that lacks some of the model's parameters or has "
+        "other shapes for them (those keep random values); refused by default",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     launch(
         main,
         args.num_gpus,
