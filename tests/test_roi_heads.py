@@ -140,8 +140,11 @@ def test_test_time_enlargement_widens_inference_rois_only():
     box_sizes = (boxes[:, 2:] - boxes[:, :2]).double()
     torch.testing.assert_close(train_sizes, 1.1 * box_sizes)
     torch.testing.assert_close(test_sizes, 1.5 * box_sizes)
-    assert make_heads(box_enlarge=1.3).eval().build_pyramid(boxes).sizes.equal(
-        make_heads(box_enlarge=1.3).build_pyramid(boxes).sizes
+    assert (
+        make_heads(box_enlarge=1.3)
+        .eval()
+        .build_pyramid(boxes)
+        .sizes.equal(make_heads(box_enlarge=1.3).build_pyramid(boxes).sizes)
     )
 
 

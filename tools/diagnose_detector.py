@@ -15,12 +15,11 @@ share of objects whose box centre lies on the object (see
 import argparse
 import json
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from objguided_d2.data import BioDatasetMapper
-from objguided_d2.engine import load_config
+from objguided_d2.engine import load_config, load_trained_weights_or_exit
 from objguided_d2.evaluation import diagnose_detector
 
 
@@ -43,7 +42,7 @@ def main(argv=None) -> dict:
     if cfg.MODEL.META_ARCHITECTURE != "ObjGuidedSegmentor":
         raise SystemExit(f"{args.config_file} is not an ObjGuided config")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
+    load_trained_weights_or_exit(model, args.weights)
     model.eval()
     mapper = BioDatasetMapper(cfg, is_train=False)
     records = DatasetCatalog.get(args.dataset)

@@ -44,11 +44,10 @@ from tqdm import tqdm
 
 from objguided_d2.data import BioDatasetMapper, ImageReadError, read_image
 from objguided_d2.engine import (
-    WeightsMismatchError,
     architecture_name,
     leave_process_group,
     load_config,
-    load_trained_weights,
+    load_trained_weights_or_exit,
     share_cpu_cores,
 )
 from objguided_d2.export import (
@@ -167,7 +166,7 @@ def predict_share(
     cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", device])
     share_cpu_cores(device)
     model = build_model(cfg)
-    load_weights(model, args)
+    load_trained_weights_or_exit(model, args.weights, allow_mismatch=args.allow_mismatched_weights)
     model.eval()
     mapper = BioDatasetMapper(cfg, is_train=False)
     category_ids = dataset_category_ids(cfg)
@@ -224,14 +223,6 @@ def merge_results(output: str, names: list[str]) -> tuple[int, list[int]]:
     return count, missing
 
 
-def load_weights(model, args: argparse.Namespace) -> None:
-    """Load ``--weights`` into ``model``; exit with one sentence when it does not fit."""
-    try:
-        load_trained_weights(model, args.weights, allow_mismatch=args.allow_mismatched_weights)
-    except (WeightsMismatchError, FileNotFoundError) as err:
-        raise SystemExit(str(err)) from None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger(name="objguided_d2")
@@ -250,7 +241,9 @@ def main(argv=None) -> int:
         cpu_cfg = cfg.clone()
         cpu_cfg.defrost()
         cpu_cfg.MODEL.DEVICE = "cpu"
-        load_weights(build_model(cpu_cfg), args)
+        load_trained_weights_or_exit(
+            build_model(cpu_cfg), args.weights, allow_mismatch=args.allow_mismatched_weights
+        )
 
     launch(predict_share, args.num_gpus, dist_url="auto", args=(args, images, names))
 

@@ -21,13 +21,7 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from objguided_d2.engine import (
-    Trainer,
-    WeightsMismatchError,
-    leave_process_group,
-    load_trained_weights,
-    setup,
-)
+from objguided_d2.engine import Trainer, leave_process_group, load_trained_weights_or_exit, setup
 
 
 def main(args):
@@ -39,10 +33,7 @@ def main(args):
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         if args.resume and checkpointer.has_checkpoint():
             weights = checkpointer.get_checkpoint_file()
-        try:
-            load_trained_weights(model, weights, allow_mismatch=args.allow_mismatched_weights)
-        except (WeightsMismatchError, FileNotFoundError) as err:
-            raise SystemExit(str(err)) from None
+        load_trained_weights_or_exit(model, weights, allow_mismatch=args.allow_mismatched_weights)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

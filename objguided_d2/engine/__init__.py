@@ -1,6 +1,6 @@
 """Training and evaluation engine shared by ObjGuided, Mask R-CNN and PointRend."""
 
-from .checkpoint import WeightsMismatchError, load_trained_weights
+from .checkpoint import WeightsMismatchError, load_trained_weights, load_trained_weights_or_exit
 from .trainer import (
     EVALUATION_FILE,
     Trainer,
@@ -24,6 +24,7 @@ __all__ = [
     "format_results_table",
     "leave_process_group",
     "load_trained_weights",
+    "load_trained_weights_or_exit",
     "load_config",
     "setup",
     "share_cpu_cores",

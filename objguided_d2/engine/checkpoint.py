@@ -11,7 +11,7 @@ import os
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-__all__ = ["WeightsMismatchError", "load_trained_weights"]
+__all__ = ["WeightsMismatchError", "load_trained_weights", "load_trained_weights_or_exit"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +74,14 @@ def load_trained_weights(model: nn.Module, path: str, *, allow_mismatch: bool = 
     if not allow_mismatch:
         raise WeightsMismatchError(message + ", or allow a partial load explicitly.")
     logger.warning(message + "; loaded anyway: those keep their initial values.")
+
+
+def load_trained_weights_or_exit(
+    model: nn.Module, path: str, *, allow_mismatch: bool = False
+) -> None:
+    """:func:`load_trained_weights` for command-line tools: exit with the reason in one sentence
+    instead of a traceback."""
+    try:
+        load_trained_weights(model, path, allow_mismatch=allow_mismatch)
+    except (WeightsMismatchError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
