@@ -8,8 +8,11 @@
 
 The image <images>/<name><image-suffix>.<ext> goes with <labels>/<name><label-suffix>.<ext>
 (ext: png, tif, tiff, jpg, jpeg, bmp). Label images: 0 = background, one value per instance
-(uint8/uint16/int32 PNG or TIFF, palette PNG), or colour-coded RGB (--encoding color). Register the
-result with objguided_d2.data.register_coco_instances_dataset (see datasets/README.md).
+(uint8/uint16/int32 PNG or TIFF, palette PNG, grey saved as RGB), or colour-coded RGB (--encoding
+color); JPEG labels are refused (lossy), and so is a label image whose size differs from its
+image's. An id made of several separate regions is reported (one instance each with
+--split-components). Register the result with objguided_d2.data.register_coco_instances_dataset
+(see datasets/README.md).
 """
 
 import argparse
@@ -28,6 +31,11 @@ def main() -> None:
     parser.add_argument("--encoding", default="auto", choices=LABEL_ENCODINGS, help="label images")
     parser.add_argument("--category", default="object", help="name of the one category")
     parser.add_argument("--recursive", action="store_true", help="also read subfolders")
+    parser.add_argument(
+        "--split-components",
+        action="store_true",
+        help="make each separate region of an id its own instance (default: one instance per id)",
+    )
     args = parser.parse_args()
     counts = convert_label_folder(
         args.images,
@@ -38,6 +46,7 @@ def main() -> None:
         encoding=args.encoding,
         thing_class=args.category,
         recursive=args.recursive,
+        split=args.split_components,
     )
     print(f"{args.output}: {counts['images']} images, {counts['instances']} instances")
 

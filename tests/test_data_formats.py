@@ -24,6 +24,7 @@ from objguided_d2.data.formats import (
     mask_to_annotation,
     read_label_image,
     save_coco_json,
+    split_components,
 )
 from objguided_d2.data.image_io import ImageReadError
 
@@ -123,6 +124,68 @@ def test_label_image_errors_name_the_file(tmp_path):
     Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(path)
     with pytest.raises(ImageReadError, match=str(path)):
         read_label_image(path, "index")
+
+
+def test_lossy_label_images_are_refused_naming_the_file(tmp_path):
+    path = tmp_path / "labels.jpg"
+    Image.fromarray(random_labels(0, 5).astype(np.uint8) * 40).save(path, quality=90)
+    with pytest.raises(ImageReadError, match=f"{path}.*JPEG"):
+        read_label_image(path)
+
+
+def test_grey_labels_saved_as_rgb_are_read_as_ids(tmp_path):
+    labels = random_labels(0, 5)
+    path = tmp_path / "grey_rgb.png"
+    Image.fromarray(np.repeat(labels.astype(np.uint8)[:, :, None], 3, axis=2)).save(path)
+    assert (read_label_image(path) == labels).all()
+    assert (read_label_image(path, "color") == 0).all()  # asked for colours: grey is background
+
+
+def two_blob_folder(tmp_path) -> tuple:
+    """images/a.png with masks/a.png where id 7 is two separate blobs and id 3 one."""
+    labels = np.zeros((20, 30), np.uint16)
+    labels[2:6, 2:8] = 7
+    labels[12:18, 20:28] = 7  # the larger blob
+    labels[12:15, 2:5] = 3
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    write_image(tmp_path / "images" / "a.png", labels.shape)
+    Image.fromarray(labels).save(tmp_path / "masks" / "a.png")
+    return tmp_path / "images", tmp_path / "masks"
+
+
+def test_ids_of_several_regions_are_reported_or_split(tmp_path, caplog):
+    images, masks = two_blob_folder(tmp_path)
+    with caplog.at_level("WARNING", logger="objguided_d2.data.convert"):
+        counts = convert_label_folder(images, masks, tmp_path / "joined.json")
+    assert counts["instances"] == 2
+    assert f"{masks / 'a.png'}: 7" in caplog.text and "--split-components" in caplog.text
+    counts = convert_label_folder(images, masks, tmp_path / "split.json", split=True)
+    assert counts["instances"] == 3
+    record = load_coco_json(str(tmp_path / "split.json"), str(tmp_path))[0]
+    assert sorted(a["bbox"] for a in record["annotations"]) == [
+        [2.0, 2.0, 6.0, 4.0],
+        [2.0, 12.0, 3.0, 3.0],
+        [20.0, 12.0, 8.0, 6.0],
+    ]
+
+
+def test_split_components_keeps_the_largest_region_and_corner_contacts():
+    labels = np.zeros((6, 8), np.int32)
+    labels[0, 0] = labels[1, 1] = 2  # corner contact: one region
+    labels[4:6, 4:8] = 5
+    labels[0:2, 6:8] = 5
+    split, fragmented = split_components(labels)
+    assert fragmented == [5]
+    assert (split[4:6, 4:8] == 5).all() and (split[0:2, 6:8] == 6).all()
+    assert split[0, 0] == split[1, 1] == 2
+
+
+def test_label_image_of_another_size_than_its_image_is_refused(tmp_path):
+    images, masks = two_blob_folder(tmp_path)
+    write_image(images / "a.png", (20, 31))
+    with pytest.raises(ImageReadError, match=rf"{masks / 'a.png'} is 30x20 but .*a.png is 31x20"):
+        convert_label_folder(images, masks, tmp_path / "out.json")
 
 
 def assert_same_partition(a: np.ndarray, b: np.ndarray) -> None:

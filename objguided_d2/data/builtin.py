@@ -118,11 +118,14 @@ def register_label_folder_dataset(
     encoding: str = "auto",
     thing_class: str = "object",
     recursive: bool = False,
+    split: bool = False,
 ) -> None:
     """Register a folder of images with instance label images as dataset ``name`` (one class).
 
-    Pairing and encodings as in :func:`objguided_d2.data.convert.pair_images_with_labels` and
-    :func:`objguided_d2.data.formats.read_label_image`. The label images are converted in memory
+    Pairing, encodings and ``split`` as in
+    :func:`objguided_d2.data.convert.pair_images_with_labels`,
+    :func:`objguided_d2.data.formats.read_label_image` and
+    :func:`objguided_d2.data.convert.label_folder_records`. The label images are converted in memory
     each time the dataset is loaded; for large folders, write a JSON once with
     ``datasets/prepare_label_folder.py`` and use :func:`register_coco_instances_dataset`.
     """
@@ -134,7 +137,9 @@ def register_label_folder_dataset(
         label_suffix=label_suffix,
         recursive=recursive,
     )
-    DatasetCatalog.register(name, lambda: label_folder_records(pairing(), encoding=encoding))
+    DatasetCatalog.register(
+        name, lambda: label_folder_records(pairing(), encoding=encoding, split=split)
+    )
     MetadataCatalog.get(name).set(
         thing_classes=[thing_class], thing_dataset_id_to_contiguous_id={1: 0}, evaluator_type="coco"
     )

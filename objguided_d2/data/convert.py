@@ -4,6 +4,7 @@ One implementation for the command lines under ``datasets/`` and for the lazily 
 of :mod:`objguided_d2.data.builtin`. Images are referenced where they are, never copied.
 """
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from .formats import (
     mask_to_annotation,
     read_label_image,
     save_coco_json,
+    split_components,
 )
-from .image_io import ImageReadError, load_pixels
+from .image_io import ImageReadError, image_size, load_pixels
 
 __all__ = [
     "SPLITS",
@@ -30,6 +32,8 @@ __all__ = [
     "convert_phase_folders",
     "convert_cvppp",
 ]
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # The one category of each standard dataset.
@@ -105,19 +109,52 @@ def _find_file(folder: Path, stem: str, preferred_extension: str):
     return None
 
 
-def label_folder_records(pairs: list, *, encoding: str = "auto", category_id: int = 0) -> list:
-    """Dataset dicts of (name, image path, label path) pairs, sizes from the label images."""
-    records = []
+def label_folder_records(
+    pairs: list, *, encoding: str = "auto", category_id: int = 0, split: bool = False
+) -> list:
+    """Dataset dicts of (name, image path, label path) pairs.
+
+    An id made of several separate (8-connected) regions is one instance with a warning naming
+    the files, or, with ``split``, one instance per region.
+
+    Raises:
+        ImageReadError: when a label image and its image differ in size, or a label image cannot
+            be read as instance ids (see :func:`.formats.read_label_image`).
+    """
+    records, fragmented = [], []
     for image_id, (_, image_path, label_path) in enumerate(pairs, start=1):
         labels = read_label_image(label_path, encoding)
+        height, width = image_size(image_path)
+        if labels.shape != (height, width):
+            raise ImageReadError(
+                f"Label image {label_path} is {labels.shape[1]}x{labels.shape[0]} but its image "
+                f"{image_path} is {width}x{height}"
+            )
+        split_labels, fragmented_ids = split_components(labels)
+        if fragmented_ids:
+            fragmented.append((label_path, fragmented_ids))
         records.append(
             {
                 "file_name": image_path,
                 "height": labels.shape[0],
                 "width": labels.shape[1],
                 "image_id": image_id,
-                "annotations": label_image_to_annotations(labels, category_id),
+                "annotations": label_image_to_annotations(
+                    split_labels if split else labels, category_id
+                ),
             }
+        )
+    if fragmented:
+        path, ids = fragmented[0]
+        logger.warning(
+            f"{len(fragmented)} label image(s) hold ids made of several separate regions (e.g. "
+            f"{path}: {', '.join(map(str, ids[:5]))}): "
+            + (
+                "each region became its own instance"
+                if split
+                else "each such id is one instance; split them into one instance per region "
+                "with --split-components (split=True)"
+            )
         )
     return records
 
@@ -136,8 +173,10 @@ def convert_label_folder(
     encoding: str = "auto",
     thing_class: str = "object",
     recursive: bool = False,
+    split: bool = False,
 ) -> dict:
-    """A folder of images with instance label images -> one COCO JSON. Returns counts."""
+    """A folder of images with instance label images -> one COCO JSON (see
+    :func:`label_folder_records`). Returns counts."""
     pairs = pair_images_with_labels(
         image_dir,
         label_dir,
@@ -145,7 +184,7 @@ def convert_label_folder(
         label_suffix=label_suffix,
         recursive=recursive,
     )
-    records = label_folder_records(pairs, encoding=encoding)
+    records = label_folder_records(pairs, encoding=encoding, split=split)
     save_coco_json(records, json_file, [thing_class])
     return _summary(records)
 

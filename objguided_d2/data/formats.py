@@ -11,7 +11,11 @@ Label images come in three encodings (:func:`read_label_image`):
 - "color": colour-coded RGB(A); every colour whose R, G and B are not all equal is one instance,
   grey, black and white are background (the authors' plant and neural masks). Ids are numbered in
   raster order of each colour's first pixel.
-- "auto": "index" for single-channel and palette images, "color" for RGB(A).
+- "auto": "index" for single-channel and palette images and for RGB(A) images whose R, G and B
+  are equal everywhere (grey labels saved as colour), "color" for other RGB(A).
+
+Label images must be stored losslessly: JPEG labels are refused (compression changes ids along
+every border).
 """
 
 import json
@@ -21,6 +25,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.structures import BoxMode
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .image_io import ImageReadError, load_pixels
 
@@ -34,9 +40,11 @@ __all__ = [
     "decode_color_labels",
     "read_label_image",
     "save_coco_json",
+    "split_components",
 ]
 
 LABEL_ENCODINGS = ("auto", "index", "color")
+_LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 
 def encode_mask(mask: np.ndarray, offset=(0, 0), image_size=None) -> dict:
@@ -166,7 +174,14 @@ def read_label_image(path, encoding: str = "auto") -> np.ndarray:
     """(H, W) int64 instance ids (0 = background) of a label image file (see the module doc)."""
     if encoding not in LABEL_ENCODINGS:
         raise ValueError(f"Unknown label encoding {encoding!r}; expected one of {LABEL_ENCODINGS}")
+    if os.fspath(path).lower().endswith(_LOSSY_SUFFIXES):
+        raise ImageReadError(
+            f"Label image {path} is a JPEG: lossy compression changes instance ids along every "
+            "border; save label images as PNG or TIFF"
+        )
     pixels, palette = load_pixels(path)
+    if encoding == "auto" and palette is None and pixels.ndim == 3 and _grey(pixels):
+        pixels = pixels[:, :, 0]
     if encoding == "color" or (encoding == "auto" and palette is None and pixels.ndim == 3):
         if palette is not None:
             pixels = palette[pixels]
@@ -184,6 +199,58 @@ def read_label_image(path, encoding: str = "auto") -> np.ndarray:
     if labels.size and labels.min() < 0:
         raise ImageReadError(f"Label image {path} holds negative values")
     return labels
+
+
+def _grey(pixels: np.ndarray) -> bool:
+    """Whether an (H, W, C >= 3) image's R, G and B are equal at every pixel."""
+    return bool(
+        (pixels[:, :, 0] == pixels[:, :, 1]).all() and (pixels[:, :, 1] == pixels[:, :, 2]).all()
+    )
+
+
+def split_components(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Each 8-connected region of each id of a label image as its own id.
+
+    Args:
+        labels: (H, W) non-negative integer ids, 0 = background.
+
+    Returns:
+        The (H, W) int64 label image where each id made of several separate regions keeps its
+        value on its largest region and the others get new ids above the maximum, and the sorted
+        list of those ids.
+    """
+    height, width = labels.shape
+    pixel = np.arange(labels.size).reshape(labels.shape)
+    sources, targets = [], []
+    # Each pixel joins its right, lower and two lower diagonal neighbours of the same id.
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        rows_a, rows_b = slice(0, height - dy), slice(dy, height)
+        cols_a, cols_b = (
+            slice(max(0, -dx), width - max(0, dx)),
+            slice(max(0, dx), width - max(0, -dx)),
+        )
+        same = (labels[rows_a, cols_a] == labels[rows_b, cols_b]) & (labels[rows_a, cols_a] != 0)
+        sources.append(pixel[rows_a, cols_a][same])
+        targets.append(pixel[rows_b, cols_b][same])
+    sources, targets = np.concatenate(sources), np.concatenate(targets)
+    graph = coo_matrix((np.ones(len(sources), bool), (sources, targets)), (labels.size,) * 2)
+    region = connected_components(graph, directed=False)[1].reshape(labels.shape)
+    foreground = labels != 0
+    regions, first_pixel, sizes = np.unique(
+        region[foreground], return_index=True, return_counts=True
+    )
+    values = labels[foreground][first_pixel].astype(np.int64)
+    split = labels.astype(np.int64, copy=True)
+    # Regions by id, largest first: all but the first of each id get new ids.
+    order = np.lexsort((-sizes, values))
+    values, regions = values[order], regions[order]
+    repeated = np.flatnonzero(values[1:] == values[:-1]) + 1
+    if len(repeated):
+        new_ids = np.full(region.max() + 1, -1, np.int64)
+        new_ids[regions[repeated]] = int(labels.max()) + 1 + np.arange(len(repeated))
+        relabelled = new_ids[region]
+        split = np.where(relabelled >= 0, relabelled, split)
+    return split, sorted(set(values[repeated].tolist()))
 
 
 def _xywh(annotation: dict) -> list:

@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-__all__ = ["ImageReadError", "load_pixels", "read_image", "to_uint8", "IMAGE_FORMATS"]
+__all__ = ["ImageReadError", "image_size", "load_pixels", "read_image", "to_uint8", "IMAGE_FORMATS"]
 
 IMAGE_FORMATS = ("BGR", "RGB", "L")
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -50,6 +50,21 @@ def load_pixels(path) -> tuple[np.ndarray, np.ndarray | None]:
     except Exception as err:
         raise ImageReadError(f"Cannot read image {path}: {err}") from err
     return _channels_last(pixels, path), palette
+
+
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of an image file: from the header where PIL reads it, else (TIFF) from
+    its pixels as :func:`load_pixels` returns them."""
+    path = os.fspath(path)
+    if path.lower().endswith(_TIFF_SUFFIXES):
+        return load_pixels(path)[0].shape[:2]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except Exception as err:
+        raise ImageReadError(f"Cannot read image {path}: {err}") from err
 
 
 def _load_with_pil(path: str) -> tuple[np.ndarray, np.ndarray | None]:
