@@ -1,5 +1,7 @@
 """Robust image reading: bit depths, channel layouts, palettes, and errors that name the file."""
 
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -44,8 +46,37 @@ def test_channel_first_tiff_becomes_channels_last(tmp_path):
     pixels = np.zeros((3, 8, 9), np.uint8)
     pixels[0], pixels[2] = 200, 50  # R, B
     path = tmp_path / "cfirst.tif"
-    tifffile.imwrite(path, pixels, photometric="minisblack")
+    tifffile.imwrite(path, pixels, photometric="minisblack", metadata={"axes": "CYX"})
     assert read_image(path, "BGR")[0, 0].tolist() == [50, 0, 200]
+    tifffile.imwrite(path, pixels, photometric="rgb", planarconfig="separate")  # axes SYX
+    assert read_image(path, "BGR")[0, 0].tolist() == [50, 0, 200]
+
+
+@pytest.mark.parametrize(
+    "planes, metadata, message",
+    [
+        (3, {"axes": "ZYX"}, "z-stack or time series (axes ZYX"),
+        (2, {"axes": "TYX"}, "z-stack or time series (axes TYX"),
+        (3, {"axes": "ZYX", "imagej": True}, "z-stack or time series (axes ZYX"),
+        (2, {}, "2 planes of unknown meaning (axes QYX"),
+        (3, {}, "3 planes of unknown meaning (axes QYX"),
+        (3, None, "3 planes of unknown meaning (axes IYX"),  # pages without shape metadata
+    ],
+)
+def test_stacks_and_unmarked_planes_are_refused_naming_the_axes(
+    tmp_path, planes, metadata, message
+):
+    """A z-stack or time series is never read as colours, nor planes that nothing marks as such."""
+    path = tmp_path / "stack.tif"
+    pixels = np.zeros((planes, 8, 9), np.uint16)
+    if metadata and metadata.pop("imagej", False):
+        tifffile.imwrite(path, pixels, imagej=True, metadata=metadata)
+    elif metadata == {}:
+        tifffile.imwrite(path, pixels, photometric="minisblack")
+    else:
+        tifffile.imwrite(path, pixels, photometric="minisblack", metadata=metadata)
+    with pytest.raises(ImageReadError, match=re.escape(f"{path} ") + ".*" + re.escape(message)):
+        read_image(path, "BGR")
 
 
 def test_grayscale_png_is_replicated_or_kept_as_one_channel(tmp_path):

@@ -44,12 +44,33 @@ def load_pixels(path) -> tuple[np.ndarray, np.ndarray | None]:
         raise FileNotFoundError(f"Image file not found: {path}")
     try:
         if path.lower().endswith(_TIFF_SUFFIXES):
-            pixels, palette = tifffile.imread(path), None  # the first series, all its pages
+            with tifffile.TiffFile(path) as tiff:  # the first series, all its pages
+                pixels, axes, palette = tiff.series[0].asarray(), tiff.series[0].axes, None
         else:
-            pixels, palette = _load_with_pil(path)
+            (pixels, palette), axes = _load_with_pil(path), None
     except Exception as err:
         raise ImageReadError(f"Cannot read image {path}: {err}") from err
+    if axes is not None:
+        _check_planes(pixels, axes, path)
     return _channels_last(pixels, path), palette
+
+
+def _check_planes(pixels: np.ndarray, axes: str, path: str) -> None:
+    """Refuse a TIFF whose planes are not colour channels: a z-stack or time series (its axes
+    say so), or 2-4 planes that nothing marks as channels (C, or S for RGB samples)."""
+    planes = {axis: size for axis, size in zip(axes, pixels.shape) if axis not in "YX" and size > 1}
+    if planes.keys() & set("ZT"):
+        raise ImageReadError(
+            f"Image {path} is a z-stack or time series (axes {axes}, shape {pixels.shape}): "
+            "segment one plane per file (a slice, a time point or a projection)"
+        )
+    unmarked = pixels.ndim == 3 and pixels.shape[0] <= 4 < pixels.shape[-1]
+    if unmarked and not planes.keys() & set("CS"):
+        raise ImageReadError(
+            f"Image {path} holds {pixels.shape[0]} planes of unknown meaning (axes {axes}, "
+            f"shape {pixels.shape}): save channels with axes CYX or as RGB, and z-slices or time "
+            "points one per file"
+        )
 
 
 def image_size(path) -> tuple[int, int]:
