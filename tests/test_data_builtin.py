@@ -1,13 +1,17 @@
 """Dataset registration: standard names, clear errors for missing data, a user's own datasets."""
 
 import csv
+import json
 import runpy
 import sys
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import Boxes, BoxMode, Instances
 from helpers import REPO
 from PIL import Image
 
@@ -23,6 +27,7 @@ from objguided_d2.data import (
 )
 from objguided_d2.data.builtin import BUNDLED_DSB2018_MINI
 from objguided_d2.data.formats import label_image_to_annotations
+from objguided_d2.engine import Trainer, load_config
 
 STANDARD_NAMES = [
     *(f"{d}_{s}" for d in ("dsb2018", "plant", "neural") for s in ("train", "val", "test")),
@@ -121,6 +126,45 @@ def test_custom_coco_json_and_a_missing_image(tmp_path, registered):
     (tmp_path / "data" / "im1.png").unlink()
     with pytest.raises(FileNotFoundError, match="im1.png"):
         DatasetCatalog.get("test_mine")
+
+
+def test_empty_segmentations_are_dropped_naming_them_and_evaluation_runs(
+    tmp_path, registered, caplog
+):
+    """A COCO annotation with "segmentation": [] is dropped at load time; training and the COCO
+    evaluation then see the same ground truth."""
+    records = write_labelled_images(tmp_path / "data", 2)
+    json_file = tmp_path / "data" / "mine.json"
+    save_coco_json(records, json_file, ["nucleus"])
+    coco = json.loads(json_file.read_text())
+    coco["annotations"][1]["segmentation"] = []
+    json_file.write_text(json.dumps(coco))
+    register_coco_instances_dataset("test_unsegmented", json_file)
+    registered.append("test_unsegmented")
+    with caplog.at_level("WARNING", logger="objguided_d2.data.builtin"):
+        loaded = DatasetCatalog.get("test_unsegmented")
+    assert [len(r["annotations"]) for r in loaded] == [1, 2]
+    annotation_id, image = coco["annotations"][1]["id"], Path(loaded[0]["file_name"])
+    assert f"1 annotation(s) with an empty segmentation, e.g. id {annotation_id}" in caplog.text
+    assert str(image) in caplog.text
+
+    cfg = load_config(str(REPO / "configs/compact/dsb2018_objguided.yaml"))
+    evaluator = Trainer.build_evaluator(cfg, "test_unsegmented", str(tmp_path / "eval"))
+    evaluator.reset()
+    for record in loaded:  # the loaded ground truth as predictions: a perfect score
+        masks = [mask_util.decode(a["segmentation"]) for a in record["annotations"]]
+        instances = Instances((record["height"], record["width"]))
+        instances.pred_masks = torch.as_tensor(np.stack(masks)).bool()
+        boxes = [
+            BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+            for a in record["annotations"]
+        ]
+        instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        instances.scores = torch.ones(len(masks))
+        instances.pred_classes = torch.zeros(len(masks), dtype=torch.int64)
+        evaluator.process([record], [{"instances": instances}])
+    results = evaluator.evaluate()
+    assert results["segm"]["AP"] == pytest.approx(100.0)
 
 
 def test_custom_label_folder(tmp_path, registered):

@@ -17,6 +17,7 @@ read at import; :func:`register_builtin_datasets` registers the names again from
 """
 
 import functools
+import logging
 import os
 from pathlib import Path
 
@@ -41,6 +42,8 @@ __all__ = [
     "register_label_folder_dataset",
     "register_synthetic_neural_dataset",
 ]
+
+logger = logging.getLogger(__name__)
 
 DATASETS_ROOT_ENV = "OBJGUIDED_DATASETS"
 
@@ -81,11 +84,23 @@ def _load_coco(name: str, json_file: str, image_root: str, hint: str) -> list:
         raise FileNotFoundError(
             f"Dataset '{name}' is not prepared: {json_file} does not exist. {hint}"
         )
-    records = load_coco_json(json_file, image_root, name)
+    records = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
     missing = next((r["file_name"] for r in records if not os.path.isfile(r["file_name"])), None)
     if missing is not None:
         raise FileNotFoundError(
             f"Dataset '{name}': image {missing}, listed in {json_file}, does not exist. {hint}"
+        )
+    # detectron2 keeps an annotation whose "segmentation" is empty ([]), without the key.
+    unsegmented = []
+    for record in records:
+        annotations = record["annotations"]
+        record["annotations"] = [a for a in annotations if "segmentation" in a]
+        unsegmented += [(record, a) for a in annotations if "segmentation" not in a]
+    if unsegmented:
+        record, annotation = unsegmented[0]
+        logger.warning(
+            f"Dataset '{name}' ({json_file}): dropped {len(unsegmented)} annotation(s) with an "
+            f"empty segmentation, e.g. id {annotation.get('id')} of image {record['file_name']}"
         )
     return records
 
@@ -101,11 +116,14 @@ def register_coco_instances_dataset(name: str, json_file, image_root=None, *, hi
 
     Category ids become contiguous 0-based ids in JSON order; ``thing_classes`` and the id mapping
     are set in the metadata when the dataset is loaded, as by detectron2's register_coco_instances.
+    Annotations with an empty segmentation are dropped with a warning. Evaluation compares with
+    the loaded annotations (what training sees), not with the file itself: the metadata has no
+    ``json_file``, so detectron2's COCOEvaluator converts them.
     """
     json_file = os.path.abspath(json_file)
     image_root = os.path.abspath(image_root or os.path.dirname(json_file))
     DatasetCatalog.register(name, functools.partial(_load_coco, name, json_file, image_root, hint))
-    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+    MetadataCatalog.get(name).set(image_root=image_root, evaluator_type="coco")
 
 
 def register_label_folder_dataset(
