@@ -124,6 +124,10 @@ def _add_engine_config(cfg: CN) -> None:
     # "ADAM" (the authors: Adam, constant LR 1.25e-4, no weight decay) or "ADAMW". All honour
     # SOLVER.BASE_LR, WEIGHT_DECAY(_NORM/_BIAS), BIAS_LR_FACTOR, CLIP_GRADIENTS and the LR schedule.
     cfg.SOLVER.OPTIMIZER = "SGD"
+    # Training stops (FloatingPointError, no final checkpoint) when the total loss exceeds this
+    # multiple of its value at the run's first iteration: a diverging run whose loss stays finite
+    # (Adam can carry it to 1e20) would otherwise end "successfully". 0: never.
+    cfg.SOLVER.DIVERGENCE_RATIO = 1000.0
     # Score a prediction needs to enter the biology metrics (AJI, PQ, F1, counts); the AP metrics
     # rank all predictions instead.
     cfg.TEST.BIO_SCORE_THRESH = 0.5

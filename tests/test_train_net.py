@@ -126,6 +126,23 @@ def test_each_architecture_trains_two_iterations_and_evaluates(trained, arch):
     assert "| paper  | APseg" in stdout and "| bio    | AJI" in stdout
 
 
+def test_a_diverging_run_stops_without_a_final_checkpoint(datasets_root, tmp_path):
+    """Adam at a learning rate of 1e6 carries the loss to 1e20 and more, all finite."""
+    process = subprocess.run(
+        [
+            sys.executable, "tools/train_net.py", "--config-file", config("objguided"),
+            *TINY, *EXTRA["objguided"],
+            "SOLVER.BASE_LR", "1e6", "SOLVER.WARMUP_ITERS", "0", "SOLVER.MAX_ITER", "20",
+            "OUTPUT_DIR", str(tmp_path),
+        ],
+        cwd=REPO, env=subprocess_env(datasets_root), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert process.returncode != 0
+    assert "FloatingPointError: Training diverged at iteration" in process.stderr
+    assert "SOLVER.DIVERGENCE_RATIO" in process.stderr
+    assert not list(tmp_path.glob("*.pth"))
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_eval_only_reproduces_the_metrics_of_the_run_that_saved_the_checkpoint(
     datasets_root, trained, arch, tmp_path

@@ -16,7 +16,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, default_setup
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver import build_optimizer, get_default_optimizer_params
@@ -141,12 +141,43 @@ def format_results_table(results: dict) -> str:
     return tabulate(rows, headers=["task", "metric", "value"], tablefmt="github")
 
 
+class DivergenceCheck(HookBase):
+    """Stops training whose total loss exceeds ``ratio`` times its value at the run's first
+    iteration, before any later hook (the checkpointer) runs for that iteration.
+
+    detectron2 logs the total loss on the main process only, which decides for all processes.
+    """
+
+    def __init__(self, ratio: float):
+        self.ratio = ratio
+        self.reference = None
+
+    def after_step(self):
+        diverged = None
+        if comm.is_main_process():
+            loss = self.trainer.storage.history("total_loss").latest()
+            if self.reference is None:
+                self.reference = loss
+            elif loss > self.ratio * self.reference:
+                diverged = (
+                    f"Training diverged at iteration {self.trainer.iter}: the total loss is "
+                    f"{loss:.3g}, over {self.ratio:g} times its {self.reference:.3g} at the "
+                    "run's first iteration (SOLVER.DIVERGENCE_RATIO). Lower SOLVER.BASE_LR or "
+                    "clip gradients (SOLVER.CLIP_GRADIENTS); no final checkpoint was written."
+                )
+        if comm.get_world_size() > 1:
+            diverged = next((d for d in comm.all_gather(diverged) if d), None)
+        if diverged:
+            raise FloatingPointError(diverged)
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with the project's data pipeline, optimizers, evaluators and a DDP
     wrapper that also runs on CPUs.
 
     Everything else (hooks, checkpointing and ``resume_or_load``, periodic evaluation, the
-    console / JSON / TensorBoard writers in OUTPUT_DIR) is detectron2's.
+    console / JSON / TensorBoard writers in OUTPUT_DIR) is detectron2's, plus a
+    :class:`DivergenceCheck`.
     """
 
     def __init__(self, cfg: CfgNode):
@@ -172,6 +203,13 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self) -> list[HookBase]:
+        """detectron2's hooks, after a :class:`DivergenceCheck` (SOLVER.DIVERGENCE_RATIO)."""
+        hooks = super().build_hooks()
+        if self.cfg.SOLVER.DIVERGENCE_RATIO > 0:
+            hooks.insert(0, DivergenceCheck(self.cfg.SOLVER.DIVERGENCE_RATIO))
+        return hooks
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
