@@ -242,6 +242,55 @@ def test_predict_skips_an_unreadable_image_and_reports_it(stub_predict, images, 
     }
 
 
+def test_output_names_never_collide(stub_predict, tmp_path):
+    """a/cell.png, b/cell.png and cell_2.png in one glob: three sets of outputs."""
+    for folder in ("a", "b", "."):
+        (tmp_path / "in" / folder).mkdir(parents=True, exist_ok=True)
+    for path, size in (
+        ("a/cell.png", (10, 12)),
+        ("b/cell.png", (14, 16)),
+        ("cell_2.png", (18, 20)),
+    ):
+        cv2.imwrite(str(tmp_path / "in" / path), np.full(size, 90, np.uint8))
+    output = tmp_path / "out"
+    pattern = str(tmp_path / "in" / "**" / "*.png")
+    assert stub_predict("--input", pattern, "--output", output) == 0
+    for name, size in (("a/cell", (10, 12)), ("b/cell", (14, 16)), ("cell_2", (18, 20))):
+        assert tifffile.imread(output / f"{name}_labels.tif").shape == size
+    predict = load_tool("predict")
+    assert predict.output_names(["x/c.png", "x/c.tif", "y/c.png"]) == ["x/c.png", "x/c.tif", "y/c"]
+    with pytest.raises(ValueError, match="x.png, x.png.tif would share"):
+        predict.output_names(["x.png", "x.tif", "x.png.tif"])
+
+
+def test_command_line_overrides_inputs_and_default_config(tmp_path):
+    predict = load_tool("predict")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("")
+    weights = str(tmp_path / "run" / "model_final.pth")
+    common = ["--weights", weights, "--output", "out"]
+    args = predict.parse_args([*common, "--input", "a.png", "b/*.tif", "MODEL.DEVICE", "cpu"])
+    assert args.input == ["a.png", "b/*.tif"] and args.opts == ["MODEL.DEVICE", "cpu"]
+    assert args.config_file == str(tmp_path / "run" / "config.yaml")  # the run's own config
+    args = predict.parse_args([*common, "--input", "a.png", "--", "INPUT.IMAGE_SIZE", "256"])
+    assert args.input == ["a.png"] and args.opts == ["INPUT.IMAGE_SIZE", "256"]
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--weights", str(tmp_path / "model.pth"), "--input", "a.png"])
+
+
+def test_missing_inputs_and_an_output_file_are_refused_before_any_work(
+    stub_predict, images, tmp_path
+):
+    with pytest.raises(SystemExit, match="No image found at '.*missing.png'"):
+        stub_predict("--input", images / "missing.png", "--output", tmp_path / "out")
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit, match="--output .*taken is a file"):
+        stub_predict("--input", images, "--output", tmp_path / "taken")
+    with pytest.raises(SystemExit, match="not registered"):
+        stub_predict("--dataset", "no_such_dataset", "--output", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_skip_existing_resumes_an_interrupted_run(
     stub_predict, images, tmp_path, monkeypatch
 ):
@@ -279,7 +328,7 @@ def test_collect_images_and_output_names(tmp_path):
         str(tmp_path / "b.png"),
         str(tmp_path / "sub" / "a.png"),
     ]
-    assert predict.output_names(found) == ["a", "b", "a_2"]
+    assert predict.output_names(found) == ["a", "b", "sub/a"]
     with pytest.raises(FileNotFoundError, match="missing"):
         predict.collect_images([str(tmp_path / "missing*.png")])
 

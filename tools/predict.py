@@ -1,13 +1,19 @@
 #!/usr/bin/env python
 """Segment images with a trained ObjGuided, Mask R-CNN or PointRend model and export the result.
 
-    tools/predict.py --config-file configs/neural_objguided.yaml \
-        --weights output/neural_objguided/model_final.pth --input "images/*.tif" --output preds/
-    tools/predict.py ... --dataset synthetic_neural_val --output preds/
+    tools/predict.py --weights output/neural_objguided/model_final.pth \
+        --input "images/*.tif" --output preds/
+    tools/predict.py --weights ... --dataset synthetic_neural_val --output preds/ MODEL.DEVICE cpu
+
+The model's config is the run's ``config.yaml`` beside the weights (every override of the
+training run is in it) unless ``--config-file`` names another; KEY VALUE overrides follow the
+options (or ``--``).
 
 Inputs: image files, folders (their images, not recursive) and glob patterns (PNG, JPEG, TIFF of
 any bit depth, BMP; read and contrast-normalized as in training), or every image of a registered
-dataset. For each image ``<name>.<ext>`` the output folder receives
+dataset. For each image the output folder receives, under ``<name>``, the image's path relative
+to the folder holding all inputs without its suffix (subfolders mirrored, so that no image's
+outputs overwrite another's):
 
 * ``<name>_labels.tif``: uint16 instance label image at the image's resolution, 0 = background
   (napari, Fiji and Cellpose read it); where instances overlap, the better-scored one wins (see
@@ -31,6 +37,7 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 
 import cv2
@@ -57,6 +64,7 @@ from objguided_d2.export import (
     write_label_tiff,
 )
 
+_CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PREDICTIONS_FILE = "predictions.json"
 # Per-image outputs; the results file is written last and marks the image done.
@@ -69,7 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config-file", required=True, help="config the model was trained with")
+    parser.add_argument(
+        "--config-file",
+        help="config the model was trained with (default: config.yaml beside --weights, which "
+        "train_net.py writes with every override of the run)",
+    )
     parser.add_argument("--weights", required=True, help="checkpoint (.pth / .pkl) to load")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image files, folders or glob patterns")
@@ -102,9 +114,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="processes to spread the images over: one per GPU, or sharing the CPU's cores",
     )
     parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs", default=[]
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides, KEY VALUE pairs (after the options, or after --)",
     )
-    return parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    overrides = []
+    if "--" in argv:
+        argv, overrides = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    args = parser.parse_args(argv)
+    if args.input:
+        # --input takes every word up to the next option: config overrides after it are no paths.
+        first = next((i for i, word in enumerate(args.input) if _is_config_key(word)), None)
+        if first is not None:
+            args.input, args.opts = args.input[:first], args.input[first:] + args.opts
+        if not args.input:
+            parser.error("--input needs at least one image file, folder or glob pattern")
+    args.opts += overrides
+    if args.config_file is None:
+        args.config_file = os.path.join(os.path.dirname(args.weights), "config.yaml")
+        if not os.path.isfile(args.config_file):
+            parser.error(f"--config-file not given and {args.config_file} does not exist")
+    return args
+
+
+def _is_config_key(word: str) -> bool:
+    """Whether a word is a config key (``MODEL.DEVICE``) rather than an input path."""
+    return bool(_CONFIG_KEY.fullmatch(word)) and not os.path.exists(word)
 
 
 def collect_images(patterns: list[str]) -> list[str]:
@@ -126,13 +163,22 @@ def collect_images(patterns: list[str]) -> list[str]:
 
 
 def output_names(paths: list[str]) -> list[str]:
-    """Output base name of each image: its file name without suffix; a name that repeats gets
-    ``_2``, ``_3``, ... in input order."""
-    names, seen = [], {}
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    """Output name of each image: its path relative to the folder that holds all of them, without
+    its suffix (``a/cell.png`` and ``b/cell.png`` -> ``a/cell``, ``b/cell``), or with it where
+    that is shared (``cell.png`` and ``cell.tif`` -> ``cell.png``, ``cell.tif``).
+
+    Raises:
+        ValueError: if two images still get one name (``x.png`` and ``x.png.tif`` beside ``x.tif``).
+    """
+    absolute = [os.path.abspath(path) for path in paths]
+    root = os.path.commonpath([os.path.dirname(path) for path in absolute]) if paths else ""
+    relative = [os.path.relpath(path, root) for path in absolute]
+    stems = [os.path.splitext(path)[0] for path in relative]
+    shared = {stem for stem in stems if stems.count(stem) > 1}
+    names = [path if stem in shared else stem for path, stem in zip(relative, stems)]
+    clashes = [path for path, name in zip(paths, names) if names.count(name) > 1]
+    if clashes:
+        raise ValueError(f"Images {', '.join(clashes)} would share their output names: rename one")
     return names
 
 
@@ -181,6 +227,7 @@ def predict_share(
     for index in tqdm(share, desc=desc, unit="image", position=rank):
         path, image_id = images[index]
         labels_path, overlay_path, results_path = image_outputs(args.output, names[index])
+        os.makedirs(os.path.dirname(labels_path), exist_ok=True)
         # A failure must not leave an earlier run's results standing for this image.
         if os.path.exists(results_path):
             os.remove(results_path)
@@ -228,13 +275,18 @@ def main(argv=None) -> int:
     setup_logger(name="objguided_d2")
     if args.num_gpus < 1:
         raise SystemExit(f"--num-gpus must be at least 1, got {args.num_gpus}")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise SystemExit(f"--output {args.output} is a file; give a folder for the outputs")
     cfg = load_config(args.config_file, args.opts)
-    if args.dataset:
-        records = DatasetCatalog.get(args.dataset)
-        images = [(r["file_name"], r.get("image_id", i)) for i, r in enumerate(records)]
-    else:
-        images = [(path, index) for index, path in enumerate(collect_images(args.input))]
-    names = output_names([path for path, _ in images])
+    try:
+        if args.dataset:
+            records = DatasetCatalog.get(args.dataset)
+            images = [(r["file_name"], r.get("image_id", i)) for i, r in enumerate(records)]
+        else:
+            images = [(path, index) for index, path in enumerate(collect_images(args.input))]
+        names = output_names([path for path, _ in images])
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(str(err)) from None
     os.makedirs(args.output, exist_ok=True)
     if args.num_gpus > 1:
         # Checked here, once: a worker process's error would reach the user as a traceback.
