@@ -135,3 +135,56 @@ def _add_engine_config(cfg: CN) -> None:
     # (tight boxes of the predicted masks, the authors' evaluation).
     cfg.TEST.PAPER_AP_BOX_SOURCE = "pred_boxes"
     # fmt: on
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _non_negative(value) -> bool:
+    return value >= 0
+
+
+def _fraction(value) -> bool:
+    return 0 <= value <= 1
+
+
+# Keys of the plugin whose values other code would only fail on later, far from the key.
+_VALID_VALUES = {
+    "INPUT.IMAGE_SIZE": (_positive, "a positive side in pixels"),
+    "INPUT.TEST_IMAGE_SIZE": (_non_negative, "a side in pixels, or 0 for INPUT.IMAGE_SIZE"),
+    "INPUT.SQUARE_CROP.SCALES": (
+        lambda scales: len(scales) > 0 and all(s > 0 for s in scales),
+        "one or more positive crop scales",
+    ),
+    "INPUT.SQUARE_CROP.CENTER_MARGIN": (_non_negative, "a margin in pixels, 0 or more"),
+    "INPUT.TEST_RESIZE": (lambda mode: mode in ("fit", "stretch"), "'fit' or 'stretch'"),
+    "INPUT.MIN_INSTANCE_SIZE": (_non_negative, "a size in pixels, 0 or more"),
+    "SOLVER.DIVERGENCE_RATIO": (_non_negative, "a ratio, or 0 for no check"),
+    "TEST.BIO_SCORE_THRESH": (_fraction, "a score in [0, 1]"),
+    "MODEL.OBJGUIDED.CENTER_POINT": (lambda p: p in ("box", "interior"), "'box' or 'interior'"),
+    "MODEL.OBJGUIDED.REGRESSION_LOSS": (
+        lambda loss: loss in ("l1", "smooth_l1"),
+        "'l1' or 'smooth_l1'",
+    ),
+    "MODEL.OBJGUIDED.TOPK_CENTERS": (_positive, "a positive number of peaks"),
+    "MODEL.OBJGUIDED.SCORE_THRESH_TEST": (_fraction, "a score in [0, 1]"),
+    "MODEL.OBJGUIDED.BOX_ENLARGE": (_positive, "a positive factor"),
+    "MODEL.OBJGUIDED.BOX_ENLARGE_TEST": (_non_negative, "a positive factor, or 0 for BOX_ENLARGE"),
+    "MODEL.OBJGUIDED.TRAIN_BOX_JITTER": (lambda j: 0 <= j < 1, "a fraction in [0, 1)"),
+    "MODEL.OBJGUIDED.MIN_ROI_SIZE": (_positive, "a positive size in level cells"),
+    "MODEL.OBJGUIDED.MASK_THRESH_TEST": (_fraction, "a probability in [0, 1]"),
+    "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),
+    "MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE": (_non_negative, "a count, or 0 for all"),
+}
+
+
+def check_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key and its value where a key of the plugin holds a value
+    it cannot work with (``INPUT.IMAGE_SIZE 0``, ``INPUT.SQUARE_CROP.SCALES []``, ...)."""
+    for key, (valid, expected) in _VALID_VALUES.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if not valid(value):
+            raise ValueError(f"Config key {key} is {value!r}; expected {expected}")

@@ -1,6 +1,7 @@
-"""Inference weights (objguided_d2.engine.load_trained_weights, tools/predict.py and
-tools/train_net.py --eval-only): a checkpoint that does not fit the model, or none, is refused with
-one sentence unless a partial load is allowed explicitly."""
+"""Checkpoints in the tools: inference weights (objguided_d2.engine.load_trained_weights,
+tools/predict.py and tools/train_net.py --eval-only) that do not fit the model, or none, are refused
+with one sentence unless a partial load is allowed explicitly; --eval-only without a test set and
+--resume without a checkpoint say so."""
 
 import logging
 
@@ -99,3 +100,29 @@ def test_eval_only_without_weights_is_an_error(tmp_path):
     )
     with pytest.raises(SystemExit, match="No weights given"):
         train_net.main(args)
+
+
+def test_eval_only_without_a_test_dataset_is_an_error(tmp_path):
+    train_net = load_tool("train_net")
+    config = REPO / "configs/compact/dsb2018_mini_objguided.yaml"
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", str(config), "--eval-only", "DATASETS.TEST", "()"]
+        + ["OUTPUT_DIR", str(tmp_path), *SMALL]
+    )
+    with pytest.raises(SystemExit, match="--eval-only needs a dataset to evaluate"):
+        train_net.main(args)
+
+
+def test_resume_without_a_checkpoint_warns_that_training_starts_afresh(
+    tmp_path, monkeypatch, caplog
+):
+    train_net = load_tool("train_net")
+    monkeypatch.setattr(train_net.Trainer, "train", lambda self: {})
+    config = REPO / "configs/compact/dsb2018_mini_objguided.yaml"
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", str(config), "--resume", "OUTPUT_DIR", str(tmp_path / "empty"), *SMALL]
+    )
+    with caplog.at_level("WARNING", logger="objguided_d2.train_net"):
+        train_net.main(args)
+    assert f"--resume: no checkpoint in {tmp_path / 'empty'}" in caplog.text
+    assert "training starts from scratch" in caplog.text

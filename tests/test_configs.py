@@ -64,6 +64,24 @@ def test_every_config_default_has_a_comment():
             assert "#" in line or lines[i - 1].strip().startswith("#"), line
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("INPUT.IMAGE_SIZE", "0", "INPUT.IMAGE_SIZE is 0; expected a positive side"),
+        (
+            "INPUT.SQUARE_CROP.SCALES",
+            "[]",
+            r"INPUT.SQUARE_CROP.SCALES is \[\]; expected one or more",
+        ),
+        ("INPUT.TEST_RESIZE", "squash", "INPUT.TEST_RESIZE is 'squash'; expected 'fit' or"),
+        ("MODEL.OBJGUIDED.MASK_THRESH_TEST", "1.5", "MASK_THRESH_TEST is 1.5; expected a prob"),
+    ],
+)
+def test_invalid_values_are_refused_naming_the_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        _config("compact/dsb2018_objguided.yaml", key, value)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_config_base_stays_inside_the_repo(path):
     base = yaml.safe_load(path.read_text()).get("_BASE_")

@@ -21,6 +21,7 @@ import math
 import os
 import uuid
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -29,9 +30,10 @@ from detectron2.engine import launch
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset, print_csv_format
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.structures import Boxes, BoxMode, Instances
+from helpers import CONFIG_DIR
 from torch import nn
 
-from objguided_d2.engine import leave_process_group
+from objguided_d2.engine import Trainer, leave_process_group, load_config
 from objguided_d2.evaluation import BiologyEvaluator, PaperAPEvaluator
 from objguided_d2.evaluation.matching import encode_masks
 
@@ -176,6 +178,7 @@ def test_evaluators_end_to_end_through_inference_on_dataset(registered, tmp_path
     results = inference_on_dataset(model, batches, evaluator)
 
     _check_metrics(results["paper"], EXPECTED_PAPER)
+    assert (results["paper"]["num_gt"], results["paper"]["num_pred"]) == (3, 5)
     assert results["paper"]["APseg-cell"] == pytest.approx(100 * 13 / 30)
     assert results["paper"]["APdet-cell"] == pytest.approx(100 * 2 / 3)
     assert results["paper"]["APseg-iou0.60"] == pytest.approx(100 * 2 / 3)
@@ -212,6 +215,42 @@ def test_evaluators_end_to_end_through_inference_on_dataset(registered, tmp_path
     assert per_image[0]["AJI"] == pytest.approx(100 * 100 / 124)
     assert per_image[3]["AJI"] is None  # undefined: written as null
     assert per_image[3]["image_id"] is None and per_image[3]["file_name"] == "image_4.png"
+
+
+def test_a_set_without_ground_truth_says_so_beside_its_undefined_metrics(
+    registered, tmp_path, caplog
+):
+    """Only the images without ground truth (3: one prediction, 4: none), through the trainer's
+    evaluation as --eval-only runs it."""
+    register, (dicts, inputs, outputs) = registered
+    name = f"objguided_test_no_gt_{uuid.uuid4().hex[:8]}"
+    records = []
+    for record in dicts[2:]:
+        path = tmp_path / record["file_name"]
+        cv2.imwrite(str(path), np.zeros((HEIGHT, WIDTH), np.uint8))
+        records.append({**record, "file_name": str(path)})
+    _register(name, records)
+    try:
+        cfg = load_config(
+            str(CONFIG_DIR / "compact/dsb2018_objguided.yaml"),
+            [
+                "DATASETS.TEST",
+                f"('{name}',)",
+                "OUTPUT_DIR",
+                str(tmp_path),
+                "INPUT.TEST_IMAGE_SIZE",
+                "24",
+            ],
+        )
+        replay = _ReplayModel({r["file_name"]: out for r, out in zip(records, outputs[2:])})
+        with caplog.at_level("WARNING", logger="objguided_d2.engine.trainer"):
+            results = Trainer.test(cfg, replay)
+    finally:
+        _unregister(name)
+    assert math.isnan(results["paper"]["APseg"]) and math.isnan(results["bio"]["AJI"])
+    assert (results["paper"]["num_gt"], results["paper"]["num_pred"]) == (0, 1)
+    assert f"{name} has no ground-truth instances" in caplog.text
+    assert "all 1 predictions are false positives" in caplog.text
 
 
 def _evaluate(evaluator, inputs, outputs):

@@ -16,6 +16,8 @@ checkpoint that lacks parameters of the config's model or has other shapes for t
 checkpoint at all, unless ``--allow-mismatched-weights``.
 """
 
+import logging
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
@@ -23,10 +25,17 @@ from detectron2.utils import comm
 
 from objguided_d2.engine import Trainer, leave_process_group, load_trained_weights_or_exit, setup
 
+logger = logging.getLogger("objguided_d2.train_net")
+
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        if not cfg.DATASETS.TEST:
+            raise SystemExit(
+                "--eval-only needs a dataset to evaluate: DATASETS.TEST is empty "
+                "(e.g. DATASETS.TEST \"('dsb2018_val',)\")"
+            )
         model = Trainer.build_model(cfg)
         # --resume evaluates the run's last checkpoint; a checkpoint must fit the model.
         weights = cfg.MODEL.WEIGHTS
@@ -39,6 +48,11 @@ def main(args):
             verify_results(cfg, results)
     else:
         trainer = Trainer(cfg)
+        if args.resume and not trainer.checkpointer.has_checkpoint():
+            logger.warning(
+                f"--resume: no checkpoint in {cfg.OUTPUT_DIR} (no last_checkpoint file); "
+                f"training starts from {cfg.MODEL.WEIGHTS or 'scratch'}"
+            )
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     leave_process_group()

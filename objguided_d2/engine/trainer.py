@@ -26,7 +26,7 @@ from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import add_objguided_config
+from ..config import add_objguided_config, check_config
 from ..data import BioDatasetMapper
 from ..evaluation import BiologyEvaluator, PaperAPEvaluator
 
@@ -53,7 +53,8 @@ _ADAPTIVE_OPTIMIZERS = {"ADAM": torch.optim.Adam, "ADAMW": torch.optim.AdamW}
 
 
 def load_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
-    """A frozen config of the project: detectron2's defaults, the plugin's keys, the file, ``opts``.
+    """A frozen config of the project: detectron2's defaults, the plugin's keys, the file, ``opts``,
+    its values checked (:func:`objguided_d2.config.check_config`).
 
     A config asking for CUDA on a machine without it runs on the CPU (with a warning), so that
     every shipped config also works on a laptop.
@@ -62,6 +63,7 @@ def load_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     add_objguided_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(opts or [])
+    check_config(cfg)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning(
             "MODEL.DEVICE is %s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE
@@ -296,6 +298,13 @@ class Trainer(DefaultTrainer):
                 path,
                 format_results_table(dataset_results),
             )
+            if dataset_results.get("paper", {}).get("num_gt") == 0:
+                logger.warning(
+                    "%s has no ground-truth instances: every AP and biology metric is undefined "
+                    "(nan); all %d predictions are false positives",
+                    dataset_name,
+                    dataset_results["paper"]["num_pred"],
+                )
         return results
 
 

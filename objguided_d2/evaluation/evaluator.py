@@ -277,6 +277,10 @@ class PaperAPEvaluator(_InstanceEvaluator):
             "per_class": {},
         }
         results = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+        # Counts, so that a table of undefined APs (no ground truth) says why; floats, as every
+        # value detectron2's EvalHook logs.
+        results["num_gt"] = float(sum(curves["seg"].num_gt for curves in by_class.values()))
+        results["num_pred"] = float(sum(len(c["seg"].scores) for c in by_class.values()))
         for kind in ("seg", "det"):
             for t, v in metrics[f"AP{kind}_per_iou"].items():
                 results[f"AP{kind}-iou{t}"] = v
