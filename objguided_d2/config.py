@@ -124,6 +124,10 @@ def _add_engine_config(cfg: CN) -> None:
     # "ADAM" (the authors: Adam, constant LR 1.25e-4, no weight decay) or "ADAMW". All honour
     # SOLVER.BASE_LR, WEIGHT_DECAY(_NORM/_BIAS), BIAS_LR_FACTOR, CLIP_GRADIENTS and the LR schedule.
     cfg.SOLVER.OPTIMIZER = "SGD"
+    # Users' datasets, registered when the config is loaded, so that DATASETS.TRAIN / TEST can
+    # name them and a run's config.yaml brings them along: "NAME=FILE.json[,IMAGE_ROOT]" (COCO
+    # instances) or "NAME=IMAGE_FOLDER[,LABEL_FOLDER[,LABEL_SUFFIX]]" (instance label images).
+    cfg.DATASETS.REGISTER = []
     # Training stops (FloatingPointError, no final checkpoint) when the total loss exceeds this
     # multiple of its value at the run's first iteration: a diverging run whose loss stays finite
     # (Adam can carry it to 1e20) would otherwise end "successfully". 0: never.

@@ -21,6 +21,7 @@ from objguided_d2.data import (
     read_label_image,
     register_builtin_datasets,
     register_coco_instances_dataset,
+    register_dataset_specs,
     register_label_folder_dataset,
     register_synthetic_neural_dataset,
     save_coco_json,
@@ -165,6 +166,31 @@ def test_empty_segmentations_are_dropped_naming_them_and_evaluation_runs(
         evaluator.process([record], [{"instances": instances}])
     results = evaluator.evaluate()
     assert results["segm"]["AP"] == pytest.approx(100.0)
+
+
+def test_datasets_registered_from_the_config(tmp_path, registered):
+    """DATASETS.REGISTER: a COCO JSON and a Cellpose-style label folder, by name from a config."""
+    records = write_labelled_images(tmp_path / "data", 2)
+    save_coco_json(records, tmp_path / "data" / "mine.json", ["nucleus"])
+    specs = [
+        f"spec_coco={tmp_path / 'data' / 'mine.json'}",
+        f"spec_folder={tmp_path / 'data'},{tmp_path / 'data'},_masks",
+    ]
+    registered.extend(["spec_coco", "spec_folder"])
+    cfg = load_config(
+        str(REPO / "configs/compact/dsb2018_objguided.yaml"),
+        ["DATASETS.REGISTER", repr(specs), "DATASETS.TRAIN", "('spec_coco',)"],
+    )
+    assert list(cfg.DATASETS.REGISTER) == specs
+    assert [len(r["annotations"]) for r in DatasetCatalog.get("spec_coco")] == [2, 2]
+    assert [len(r["annotations"]) for r in DatasetCatalog.get("spec_folder")] == [2, 2]
+    register_dataset_specs(specs)  # the same specs again (a run's config.yaml): nothing happens
+    with pytest.raises(ValueError, match="'spec_coco' is already registered"):
+        register_dataset_specs([f"spec_coco={tmp_path / 'other.json'}"])
+    with pytest.raises(ValueError, match="DATASETS.REGISTER entry 'broken': expected NAME="):
+        register_dataset_specs(["broken"])
+    with pytest.raises(ValueError, match="'dsb2018_val' is already registered"):
+        register_dataset_specs([f"dsb2018_val={tmp_path / 'data' / 'mine.json'}"])
 
 
 def test_custom_label_folder(tmp_path, registered):

@@ -404,6 +404,26 @@ def test_predict_on_two_processes_writes_what_one_process_writes(tmp_path):
         assert (outputs[1] / name).read_bytes() == (outputs[2] / name).read_bytes(), name
 
 
+def test_predict_writes_the_category_ids_of_a_users_dataset(stub_predict, images, tmp_path):
+    """A model trained on a user's COCO JSON (category id 7, registered by the config): its
+    predictions carry id 7, as pycocotools needs to match them."""
+    coco = {
+        "images": [{"id": 1, "file_name": "gray8.png", "height": 20, "width": 18}],
+        "annotations": [],
+        "categories": [{"id": 7, "name": "nucleus"}],
+    }
+    (images / "mine.json").write_text(json.dumps(coco))
+    output = tmp_path / "out"
+    spec = f"['users_cells_{tmp_path.name}={images / 'mine.json'}']"
+    opts = ["DATASETS.REGISTER", spec, "DATASETS.TRAIN", f"('users_cells_{tmp_path.name}',)"]
+    try:
+        assert stub_predict("--input", images / "gray8.png", "--output", output, *opts) == 0
+    finally:
+        DatasetCatalog.remove(f"users_cells_{tmp_path.name}")
+    predictions = json.loads((output / "predictions.json").read_text())
+    assert {r["category_id"] for r in predictions} == {7}
+
+
 def test_predict_a_registered_dataset_keeps_its_image_ids(stub_predict, images, tmp_path):
     name = "test_predict_tiny_set"
     records = [{"file_name": str(images / "gray8.png"), "image_id": 42}]

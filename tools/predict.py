@@ -183,10 +183,18 @@ def output_names(paths: list[str]) -> list[str]:
 
 
 def dataset_category_ids(cfg) -> list[int] | None:
-    """Dataset category id of each contiguous class, from the training set's metadata."""
+    """Dataset category id of each contiguous class, from the training set's metadata (a COCO
+    JSON sets it when loaded, so the set is loaded if it has not been); None when unknown."""
     if not cfg.DATASETS.TRAIN:
         return None
-    mapping = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_dataset_id_to_contiguous_id")
+    name = cfg.DATASETS.TRAIN[0]
+    mapping = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id")
+    if mapping is None and name in DatasetCatalog.list():
+        try:
+            DatasetCatalog.get(name)
+        except (FileNotFoundError, OSError) as err:
+            logger.warning(f"Category ids of {name} unknown ({err}): writing contiguous ids")
+        mapping = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id")
     if mapping is None:
         return None
     return [dataset_id for dataset_id, _ in sorted(mapping.items(), key=lambda item: item[1])]

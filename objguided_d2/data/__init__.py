@@ -5,6 +5,7 @@ from .builtin import (
     datasets_root,
     register_builtin_datasets,
     register_coco_instances_dataset,
+    register_dataset_specs,
     register_label_folder_dataset,
     register_synthetic_neural_dataset,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "read_label_image",
     "register_builtin_datasets",
     "register_coco_instances_dataset",
+    "register_dataset_specs",
     "register_label_folder_dataset",
     "register_synthetic_neural_dataset",
     "save_coco_json",

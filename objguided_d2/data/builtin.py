@@ -38,6 +38,7 @@ __all__ = [
     "DATASETS_ROOT_ENV",
     "datasets_root",
     "register_builtin_datasets",
+    "register_dataset_specs",
     "register_coco_instances_dataset",
     "register_label_folder_dataset",
     "register_synthetic_neural_dataset",
@@ -237,3 +238,46 @@ def register_builtin_datasets(root=None) -> None:
         register_label_folder_dataset(
             name, folder / "images", folder / "labels", thing_class=THING_CLASSES["dsb2018"]
         )
+
+
+# Specs of the datasets registered by register_dataset_specs, by name.
+_REGISTERED_SPECS: dict[str, str] = {}
+
+
+def register_dataset_specs(specs) -> None:
+    """Register users' datasets from specs, as ``DATASETS.REGISTER`` lists them:
+
+    * ``NAME=FILE.json[,IMAGE_ROOT]``: a COCO instances JSON
+      (:func:`register_coco_instances_dataset`; image root: the JSON's folder unless given);
+    * ``NAME=IMAGES[,LABELS[,LABEL_SUFFIX]]``: a folder of images with instance label images
+      (:func:`register_label_folder_dataset`; labels: the images' folder unless given).
+
+    Nothing is read until the dataset is used. A spec registered before is skipped.
+
+    Raises:
+        ValueError: naming the spec, when it is malformed or its name is already a dataset
+            registered otherwise.
+    """
+    for spec in specs:
+        name, _, paths = spec.partition("=")
+        name, parts = name.strip(), [p.strip() for p in paths.split(",")] if paths else []
+        if not name or not parts or not parts[0] or len(parts) > 3:
+            raise ValueError(
+                f"DATASETS.REGISTER entry {spec!r}: expected NAME=FILE.json[,IMAGE_ROOT] or "
+                "NAME=IMAGE_FOLDER[,LABEL_FOLDER[,LABEL_SUFFIX]]"
+            )
+        if _REGISTERED_SPECS.get(name) == spec and name in DatasetCatalog.list():
+            continue
+        if name in DatasetCatalog.list():
+            raise ValueError(
+                f"DATASETS.REGISTER entry {spec!r}: a dataset named '{name}' is already registered"
+            )
+        if parts[0].lower().endswith(".json"):
+            if len(parts) > 2:
+                raise ValueError(f"DATASETS.REGISTER entry {spec!r}: a COCO JSON takes one root")
+            register_coco_instances_dataset(name, parts[0], parts[1] if len(parts) > 1 else None)
+        else:
+            labels = parts[1] if len(parts) > 1 and parts[1] else parts[0]
+            suffix = parts[2] if len(parts) > 2 else ""
+            register_label_folder_dataset(name, parts[0], labels, label_suffix=suffix)
+        _REGISTERED_SPECS[name] = spec

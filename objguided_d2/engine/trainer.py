@@ -27,7 +27,7 @@ from tabulate import tabulate
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import add_objguided_config, check_config
-from ..data import BioDatasetMapper
+from ..data import BioDatasetMapper, register_dataset_specs
 from ..evaluation import BiologyEvaluator, PaperAPEvaluator
 
 __all__ = [
@@ -54,7 +54,8 @@ _ADAPTIVE_OPTIMIZERS = {"ADAM": torch.optim.Adam, "ADAMW": torch.optim.AdamW}
 
 def load_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     """A frozen config of the project: detectron2's defaults, the plugin's keys, the file, ``opts``,
-    its values checked (:func:`objguided_d2.config.check_config`).
+    its values checked (:func:`objguided_d2.config.check_config`) and the datasets it lists in
+    DATASETS.REGISTER registered.
 
     A config asking for CUDA on a machine without it runs on the CPU (with a warning), so that
     every shipped config also works on a laptop.
@@ -64,6 +65,7 @@ def load_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(opts or [])
     check_config(cfg)
+    register_dataset_specs(cfg.DATASETS.REGISTER)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning(
             "MODEL.DEVICE is %s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE
