@@ -82,6 +82,18 @@ def test_invalid_values_are_refused_naming_the_key(key, value, message):
         _config("compact/dsb2018_objguided.yaml", key, value)
 
 
+def test_unknown_keys_are_refused_naming_them(tmp_path):
+    # yacs: an AssertionError for a command-line key, a KeyError for a key in a file
+    with pytest.raises(AssertionError, match="Non-existent key: MODEL.OBJGUIDED.MASK_TRESH_TEST"):
+        _config("compact/dsb2018_objguided.yaml", "MODEL.OBJGUIDED.MASK_TRESH_TEST", "0.3")
+    config = tmp_path / "typo.yaml"
+    config.write_text(
+        f'_BASE_: "{CONFIG_DIR / "compact/dsb2018_objguided.yaml"}"\nSOLVER:\n  BASE_LRR: 0.1\n'
+    )
+    with pytest.raises(KeyError, match="Non-existent config key: SOLVER.BASE_LRR"):
+        load_config(str(config))
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_config_base_stays_inside_the_repo(path):
     base = yaml.safe_load(path.read_text()).get("_BASE_")

@@ -126,6 +126,17 @@ def test_corrupt_file_names_the_path(tmp_path, name):
         read_image(path)
 
 
+def test_empty_file_and_five_plane_tiff_name_the_path(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageReadError, match=str(empty)):
+        read_image(empty)
+    planes = tmp_path / "planes.tif"
+    tifffile.imwrite(planes, np.zeros((5, 8, 9), np.uint8), photometric="minisblack")
+    with pytest.raises(ImageReadError, match=re.escape(str(planes))):
+        read_image(planes)
+
+
 def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="YUV"):
         read_image(tmp_path / "x.png", "YUV")
