@@ -11,15 +11,14 @@ options (or ``--``).
 
 Inputs: image files, folders (their images, not recursive) and glob patterns (PNG, JPEG, TIFF of
 any bit depth, BMP; read and contrast-normalized as in training), or every image of a registered
-dataset. For each image the output folder receives, under ``<name>``, the image's path relative
-to the folder holding all inputs without its suffix (subfolders mirrored, so that no image's
-outputs overwrite another's):
+dataset. For each image, ``<name>`` being its path relative to the folder holding all inputs,
+without suffix (subfolders mirrored, so that no image's outputs overwrite another's), the output
+folder receives
 
 * ``<name>_labels.tif``: uint16 instance label image at the image's resolution, 0 = background
   (napari, Fiji and Cellpose read it); where instances overlap, the better-scored one wins (see
   :mod:`objguided_d2.export`);
 * ``<name>_overlay.png``: the instances drawn over the image;
-
 * ``<name>_predictions.json``: its predictions in COCO results format (RLE masks of the unresolved
   instances), each with its ``file_name`` and its ``label`` in the label image; written last, so
   it marks the image done;
@@ -39,6 +38,7 @@ import logging
 import os
 import re
 import sys
+from collections import Counter
 
 import cv2
 import torch
@@ -174,9 +174,10 @@ def output_names(paths: list[str]) -> list[str]:
     root = os.path.commonpath([os.path.dirname(path) for path in absolute]) if paths else ""
     relative = [os.path.relpath(path, root) for path in absolute]
     stems = [os.path.splitext(path)[0] for path in relative]
-    shared = {stem for stem in stems if stems.count(stem) > 1}
-    names = [path if stem in shared else stem for path, stem in zip(relative, stems)]
-    clashes = [path for path, name in zip(paths, names) if names.count(name) > 1]
+    stem_counts = Counter(stems)
+    names = [path if stem_counts[stem] > 1 else stem for path, stem in zip(relative, stems)]
+    name_counts = Counter(names)
+    clashes = [path for path, name in zip(paths, names) if name_counts[name] > 1]
     if clashes:
         raise ValueError(f"Images {', '.join(clashes)} would share their output names: rename one")
     return names
