@@ -193,7 +193,7 @@ def dataset_category_ids(cfg) -> list[int] | None:
     if mapping is None and name in DatasetCatalog.list():
         try:
             DatasetCatalog.get(name)
-        except (FileNotFoundError, OSError) as err:
+        except OSError as err:  # FileNotFoundError, ImageReadError
             logger.warning(f"Category ids of {name} unknown ({err}): writing contiguous ids")
         mapping = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id")
     if mapping is None:

@@ -161,8 +161,7 @@ def decode_color_labels(color: np.ndarray) -> np.ndarray:
     """(H, W) int32 ids of a colour-coded label image (H, W, 3 or 4); see the module docstring."""
     rgb = color[:, :, :3].astype(np.int64)
     keys = (rgb[:, :, 0] << 32) | (rgb[:, :, 1] << 16) | rgb[:, :, 2]
-    grey = (rgb[:, :, 0] == rgb[:, :, 1]) & (rgb[:, :, 1] == rgb[:, :, 2])
-    keys[grey] = -1
+    keys[_grey_pixels(rgb)] = -1
     values, first_pixel, inverse = np.unique(keys, return_index=True, return_inverse=True)
     foreground = np.flatnonzero(values != -1)
     id_of_value = np.zeros(len(values), np.int32)
@@ -180,7 +179,7 @@ def read_label_image(path, encoding: str = "auto") -> np.ndarray:
             "border; save label images as PNG or TIFF"
         )
     pixels, palette = load_pixels(path)
-    if encoding == "auto" and palette is None and pixels.ndim == 3 and _grey(pixels):
+    if encoding == "auto" and palette is None and pixels.ndim == 3 and _grey_pixels(pixels).all():
         pixels = pixels[:, :, 0]
     if encoding == "color" or (encoding == "auto" and palette is None and pixels.ndim == 3):
         if palette is not None:
@@ -201,11 +200,9 @@ def read_label_image(path, encoding: str = "auto") -> np.ndarray:
     return labels
 
 
-def _grey(pixels: np.ndarray) -> bool:
-    """Whether an (H, W, C >= 3) image's R, G and B are equal at every pixel."""
-    return bool(
-        (pixels[:, :, 0] == pixels[:, :, 1]).all() and (pixels[:, :, 1] == pixels[:, :, 2]).all()
-    )
+def _grey_pixels(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: where an (H, W, C >= 3) image's R, G and B are equal."""
+    return (pixels[:, :, 0] == pixels[:, :, 1]) & (pixels[:, :, 1] == pixels[:, :, 2])
 
 
 def split_components(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
