@@ -18,6 +18,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 
 from .evaluation.bio_metrics import paint_by_score
+from .evaluation.matching import encode_masks
 
 # The largest label a uint16 image can hold (0 is background).
 MAX_LABEL = np.iinfo(np.uint16).max
@@ -43,8 +44,8 @@ def instances_to_label_image(instances: Instances) -> tuple[np.ndarray, np.ndarr
     """Label image of one image's predictions (see the module docstring for overlaps).
 
     Args:
-        instances: predictions at the original image size, with ``pred_masks`` (N, H, W) and
-            ``scores`` (N,).
+        instances: predictions at the original image size, with ``pred_masks`` ((N, H, W) or
+            N masks' windows) and ``scores`` (N,).
 
     Returns:
         (H, W) uint16 label image (0 = background) and the (N,) label of each instance.
@@ -54,7 +55,7 @@ def instances_to_label_image(instances: Instances) -> tuple[np.ndarray, np.ndarr
     scores = instances.scores.cpu()
     labels = instance_labels(scores)
     # The evaluation's overlap rule: a pixel belongs to the best-scored mask covering it (-1: none).
-    owner = paint_by_score(instances.pred_masks.cpu(), scores).numpy()
+    owner = paint_by_score(instances.pred_masks.to("cpu"), scores).numpy()
     label_of_owner = np.append(labels, 0).astype(np.uint16)  # index -1 -> background
     return label_of_owner[owner], labels
 
@@ -85,7 +86,13 @@ def instances_to_results(
         One dict per instance: image_id, file_name, category_id, bbox (XYWH), score,
         segmentation (COCO RLE, counts as str) and label.
     """
-    results = instances_to_coco_json(instances.to("cpu"), image_id)
+    instances = instances.to("cpu")
+    # detectron2's boxes, scores and classes; the masks encoded here, from their windows where
+    # the model gives windows (detectron2 would write each out at full size).
+    fields = {name: instances.get(name) for name in instances.get_fields() if name != "pred_masks"}
+    results = instances_to_coco_json(Instances(instances.image_size, **fields), image_id)
+    for result, rle in zip(results, encode_masks(instances.pred_masks), strict=True):
+        result["segmentation"] = {**rle, "counts": rle["counts"].decode("utf-8")}
     for result, label in zip(results, labels, strict=True):
         if category_ids is not None:
             result["category_id"] = category_ids[result["category_id"]]

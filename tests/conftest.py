@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
+
+from objguided_d2.data import register_builtin_datasets
 
 
 @pytest.fixture
@@ -19,3 +22,17 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def datasets_root(tmp_path_factory):
+    """A $OBJGUIDED_DATASETS folder holding the synthetic neural-like sets, generated once, for
+    subprocesses (tools, benchmarks) to find."""
+    root = tmp_path_factory.mktemp("datasets")
+    register_builtin_datasets(root)
+    try:
+        for name in ("synthetic_neural_train", "synthetic_neural_val"):
+            DatasetCatalog.get(name)
+    finally:
+        register_builtin_datasets()  # back to the default root for other tests
+    return root

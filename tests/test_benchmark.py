@@ -171,3 +171,32 @@ def test_memory_probe_reports_the_peak_of_one_inference():
     process = run_benchmark("--memory-probe", "mask_rcnn", f"synthetic_n{NUM_OBJECTS}", *TINY)
     probe = json.loads(process.stdout.strip().splitlines()[-1])
     assert probe["process_peak_mb"] >= probe["peak_mb"] >= 0
+
+
+LARGE_IMAGE_TINY = [
+    "--tiles", "1", "--train-iters", "1", "--threads", "1", "--tag", "test",
+    "MODEL.OBJGUIDED.SCORE_THRESH_TEST", "0.01", "MODEL.OBJGUIDED.MASK_THRESH_TEST", "0.25",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_large_image_benchmark_trains_predicts_and_reports(datasets_root, tmp_path):
+    """benchmarks/large_image.py on one 512-px scene with a one-iteration model: the instances
+    it reports are those predict.py wrote, and its report holds the measured time and memory."""
+    outputs = ["--output-dir", tmp_path / "results", "--work-dir", tmp_path / "work"]
+    process = subprocess.run(
+        [sys.executable, "benchmarks/large_image.py", *outputs, *LARGE_IMAGE_TINY],
+        cwd=REPO,
+        env={**os.environ, "OBJGUIDED_DATASETS": str(datasets_root)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    record = json.loads((tmp_path / "results/large_image_test.json").read_text())
+    predictions = json.loads((tmp_path / "work/predictions/predictions.json").read_text())
+    assert record["image_side"] == 512 and record["cells"] > 0
+    assert record["instances"] == len(predictions) > 0
+    assert record["seconds"] > 0 and record["peak_rss_mb"] > 100
+    assert f"{record['instances']} instances" in process.stdout
+    assert (tmp_path / "results/large_image_test.md").read_text().count("\n") == 5

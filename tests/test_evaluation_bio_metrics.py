@@ -17,6 +17,7 @@ from objguided_d2.evaluation.bio_metrics import (
     symmetric_best_dice,
 )
 from objguided_d2.evaluation.matching import encode_masks
+from objguided_d2.modeling.mask_windows import MaskWindows
 
 
 def rles(height, width, *rects):
@@ -172,11 +173,14 @@ def test_painting_matches_a_pixel_by_pixel_reference():
             covering = [i for i in range(40) if masks[i, y, x]]
             if covering:  # highest score, then lowest index
                 reference[y, x] = min(covering, key=lambda i: (-scores[i].item(), i))
+    windows = MaskWindows.from_masks(masks).tight()  # each mask in the window of its box
     assert torch.equal(paint_by_score(masks, scores), reference)
+    assert torch.equal(paint_by_score(windows, scores), reference)
 
     order = sorted(range(40), key=lambda i: (-scores[i].item(), i))
     expected = [reference == i for i in order if (reference == i).any()]
     painted = mask_util.decode(paint_by_score_rles(masks, scores)).transpose(2, 0, 1)
     assert len(expected) < 40  # some masks were covered entirely
     np.testing.assert_array_equal(painted, torch.stack(expected).numpy())
+    assert paint_by_score_rles(windows, scores) == paint_by_score_rles(masks, scores)
     assert paint_by_score_rles(torch.zeros(0, 3, 3, dtype=torch.bool), torch.zeros(0)) == []

@@ -36,6 +36,7 @@ from torch import nn
 from objguided_d2.engine import Trainer, leave_process_group, load_config
 from objguided_d2.evaluation import BiologyEvaluator, PaperAPEvaluator
 from objguided_d2.evaluation.matching import encode_masks
+from objguided_d2.modeling.mask_windows import MaskWindows
 
 HEIGHT, WIDTH = 20, 24
 
@@ -167,9 +168,15 @@ def _check_metrics(actual, expected):
         assert actual[key] == pytest.approx(value), key
 
 
-def test_evaluators_end_to_end_through_inference_on_dataset(registered, tmp_path):
+@pytest.mark.parametrize("masks", ["full", "windows"])
+def test_evaluators_end_to_end_through_inference_on_dataset(registered, tmp_path, masks):
+    """The same with full-image masks and with ObjGuided's mask windows."""
     register, (_, inputs, outputs) = registered
     name = register()
+    if masks == "windows":
+        for output in outputs:
+            instances = output["instances"]
+            instances.pred_masks = MaskWindows.from_masks(instances.pred_masks).tight()
     evaluator = DatasetEvaluators(
         [PaperAPEvaluator(name, str(tmp_path)), BiologyEvaluator(name, str(tmp_path))]
     )

@@ -13,6 +13,7 @@ from objguided_d2.evaluation.matching import (
     rle_areas,
     rle_boxes,
 )
+from objguided_d2.modeling.mask_windows import MaskWindows
 
 
 def rect(height, width, rows, cols):
@@ -96,3 +97,16 @@ def test_intersections_and_unions_are_exact_pixel_counts():
 def test_encode_masks_accepts_uint8():
     mask = rect(3, 4, (1, 2), (0, 4)).to(torch.uint8)
     np.testing.assert_array_equal(mask_util.decode(encode_masks(mask[None]))[..., 0], mask.numpy())
+
+
+def test_windows_encode_to_the_rles_of_their_full_masks():
+    generator = torch.Generator().manual_seed(1)
+    masks = torch.rand(8, 9, 11, generator=generator) > 0.6
+    masks[0] = False  # empty
+    masks[1] = True  # starts on the first pixel and ends on the last
+    masks[2] = False
+    masks[2, -1, -1] = True  # only the last pixel
+    masks[3, :, 4:6] = False  # two parts
+    expected = encode_masks(masks)
+    for windows in (MaskWindows.from_masks(masks), MaskWindows.from_masks(masks).tight()):
+        assert encode_masks(windows) == expected

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.structures import BitMasks
+from detectron2.structures import BitMasks, Instances
 
 from objguided_d2.modeling.mask_windows import (
     MaskWindows,
@@ -278,3 +278,40 @@ def test_paste_of_the_authors_thresholds_the_summed_votes_then_resizes_by_neares
         # masks lie inside the normalized ones
         normalized = paste_mask_windows(soft, pyramid, (384, 512), threshold=0.53).to_masks()
         assert not (pasted & ~normalized).any() and pasted.sum() < normalized.sum()
+
+
+def test_windows_work_as_an_instances_field_and_read_as_full_masks():
+    generator = torch.Generator().manual_seed(2)
+    masks = torch.rand(6, 12, 10, generator=generator) > 0.7
+    masks[2] = False
+    windows = _random_windows(masks, generator)
+    tight = windows.tight()
+    assert torch.equal(tight.to_masks(), masks)
+    assert tight.shapes[2].tolist() == [0, 0] and tight.nonempty().tolist() == [
+        True,
+        True,
+        False,
+        True,
+        True,
+        True,
+    ]
+    # tight windows hold the masks' boxes only
+    assert tight.pixels.numel() < windows.pixels.numel()
+    assert tight.shape == (6, 12, 10) and len(tight) == 6
+
+    instances = Instances((12, 10), pred_masks=tight, scores=torch.arange(6.0))
+    for item, expected in [
+        (torch.tensor([True, False, True, False, False, True]), [0, 2, 5]),
+        (torch.tensor([4, 1]), [4, 1]),
+        (slice(1, 3), [1, 2]),
+        (3, [3]),
+    ]:
+        picked = instances[item].pred_masks
+        assert isinstance(picked, MaskWindows)
+        assert torch.equal(picked.to_masks(), masks[expected])
+    joined = Instances.cat([instances[:2], instances[4:]]).pred_masks
+    assert torch.equal(joined.to_masks(), masks[[0, 1, 4, 5]])
+    moved = instances.to("cpu").pred_masks
+    # one full mask at a time, or all as an array (detectron2's COCO JSON and Visualizer)
+    assert all(torch.equal(mask, expected) for mask, expected in zip(moved, masks, strict=True))
+    np.testing.assert_array_equal(np.asarray(moved), masks.numpy())

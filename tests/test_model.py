@@ -14,6 +14,8 @@ from helpers import ellipse_mask, instances_from_masks, objguided_cfg, render
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from objguided_d2.modeling.mask_windows import MaskWindows
+
 
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -109,8 +111,8 @@ def given_proposals(monkeypatch, model, boxes: torch.Tensor, image_size):
 
 def assert_valid_output(instances, image_size):
     assert instances.image_size == image_size
-    assert instances.pred_masks.dtype == torch.bool
-    assert instances.pred_masks.shape == (len(instances), *image_size)
+    assert isinstance(instances.pred_masks, MaskWindows)
+    assert instances.pred_masks.to_masks().shape == (len(instances), *image_size)
     assert torch.isfinite(instances.scores).all()
     assert torch.isfinite(instances.pred_boxes.tensor).all()
 
@@ -217,7 +219,7 @@ def mask_ap50(scenes, outputs) -> float:
                 }
             )
         instances = output["instances"]
-        for mask, score in zip(instances.pred_masks.numpy(), instances.scores.tolist()):
+        for mask, score in zip(np.asarray(instances.pred_masks), instances.scores.tolist()):
             detections.append(
                 {
                     "image_id": image_id,

@@ -15,6 +15,7 @@ import tifffile
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from helpers import REPO, load_tool
@@ -29,6 +30,7 @@ from objguided_d2.export import (
     instances_to_results,
     label_colors,
 )
+from objguided_d2.modeling.mask_windows import MaskWindows
 
 
 def make_instances(masks, scores, classes=None) -> Instances:
@@ -104,6 +106,23 @@ def test_results_are_coco_rle_with_file_name_label_and_dataset_category_ids():
         assert isinstance(result["segmentation"]["counts"], str)
         assert (mask_util.decode(result["segmentation"]) == mask).all()
     json.dumps(results)  # serializable as is
+
+
+def test_exports_of_mask_windows_equal_those_of_full_masks():
+    generator = torch.Generator().manual_seed(4)
+    masks = torch.rand(7, 15, 13, generator=generator) > 0.8
+    masks[3] = False
+    dense = make_instances(masks.numpy(), torch.rand(7, generator=generator).tolist())
+    windowed = Instances(dense.image_size, **dense.get_fields())
+    windowed.pred_masks = MaskWindows.from_masks(masks).tight()
+    image, labels = instances_to_label_image(dense)
+    windowed_image, windowed_labels = instances_to_label_image(windowed)
+    np.testing.assert_array_equal(windowed_image, image)
+    np.testing.assert_array_equal(windowed_labels, labels)
+    results = instances_to_results(dense, 1, "a.png", labels)
+    assert instances_to_results(windowed, 1, "a.png", labels) == results
+    # detectron2's own encoding reads the windows as full masks and agrees
+    assert instances_to_coco_json(windowed, 1) == instances_to_coco_json(dense, 1)
 
 
 def test_label_colors_are_distinct_with_black_background():

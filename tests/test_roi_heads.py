@@ -11,6 +11,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances, Polygon
 
 from objguided_d2.modeling import roi_heads as roi_heads_module
 from objguided_d2.modeling.fusion import FUSED_RESIZE_CONV_MIN_CHANNELS
+from objguided_d2.modeling.mask_windows import MaskWindows
 from objguided_d2.modeling.point_sampling import point_counts, select_uncertain_points
 from objguided_d2.modeling.roi_crops import crop_masks, crop_rois
 from objguided_d2.modeling.roi_heads import GroupOutput, ObjGuidedROIHeads
@@ -115,7 +116,7 @@ def per_roi_logits(heads, images, features, batch_rois: bool):
     boxes, batch_index = all_rois()
     pyramid = heads.build_pyramid(boxes)
     groups = heads.group(pyramid)
-    outputs = heads.segment(images, features, batch_index, pyramid, groups)
+    outputs = heads.segment(heads.level_maps(images, features), batch_index, pyramid, groups)
     logits = {}
     for group, out in zip(groups, outputs):
         for row, index in enumerate(group.indices.tolist()):
@@ -241,7 +242,24 @@ def test_batched_predictions_equal_one_roi_at_a_time():
         assert len(batched) > 0
         torch.testing.assert_close(batched.scores, reference.scores)
         torch.testing.assert_close(batched.pred_boxes.tensor, reference.pred_boxes.tensor)
-        assert torch.equal(batched.pred_masks, reference.pred_masks)
+        assert torch.equal(batched.pred_masks.to_masks(), reference.pred_masks.to_masks())
+
+
+def test_inference_segmenting_few_pixels_at_a_time_gives_the_same_predictions():
+    """Inference segments groups a bounded number of level-0 pixels at a time (memory); a bound
+    that takes one ROI at a time changes nothing."""
+    torch.manual_seed(0)
+    heads = make_heads().eval()
+    images, features = make_inputs()
+    results = []
+    with torch.no_grad():
+        for max_inference_pixels in (1 << 17, 1):
+            heads.max_inference_pixels = max_inference_pixels
+            results.append(heads(images, features, proposals_of_rois())[0])
+    for whole, chunked in zip(*results):
+        assert len(whole) > 0
+        torch.testing.assert_close(chunked.scores, whole.scores)
+        assert torch.equal(chunked.pred_masks.to_masks(), whole.pred_masks.to_masks())
 
 
 def softplus(x: float) -> float:
@@ -350,7 +368,10 @@ class OracleHeads(ObjGuidedROIHeads):
 
     roi_masks: torch.Tensor  # (R, H, W) over the padded batch, ROI order of the proposals
 
-    def segment(self, images, features, batch_index, pyramid, groups):
+    def level_maps(self, images, features):
+        return []
+
+    def segment(self, level_maps, batch_index, pyramid, groups):
         outputs = []
         for group in groups:
             soft = crop_masks(
@@ -426,7 +447,7 @@ def test_inference_pastes_each_proposal_mask_into_its_image(batch_rois):
     scale = torch.tensor([120 / 80, 128 / 64] * 2)
     expected_boxes = torch.tensor([[10, 10, 30, 26], [40, 30, 60, 50], [62, 4, 70, 12]]) * scale
     torch.testing.assert_close(first.pred_boxes.tensor, expected_boxes)
-    assert first.pred_masks.dtype == torch.bool and first.pred_masks.shape == (3, 128, 120)
+    assert isinstance(first.pred_masks, MaskWindows) and first.pred_masks.shape == (3, 128, 120)
     for mask, (_, gt, *_) in zip(first.pred_masks, [objects[0], objects[1], objects[3]]):
         upsampled = F.interpolate(gt[None, None].float(), size=(128, 120))[0, 0].bool()
         assert iou(mask, upsampled) > 0.85
@@ -463,14 +484,19 @@ def test_inference_without_autograd_returns_ordinary_tensors_equal_to_a_recorded
     recorded, _ = heads(images, features, proposals_of_rois())
     for fast, slow in zip(results, recorded):
         assert len(fast) > 0
+        masks, expected_masks = fast.pred_masks, slow.pred_masks
         fields = [(fast.pred_boxes.tensor, slow.pred_boxes.tensor)] + [
-            (fast.get(name), slow.get(name)) for name in ("scores", "pred_classes", "pred_masks")
+            (fast.get(name), slow.get(name)) for name in ("scores", "pred_classes")
+        ]
+        fields += [
+            (getattr(masks, name), getattr(expected_masks, name))
+            for name in ("pixels", "origins", "shapes", "boxes")
         ]
         for value, expected in fields:
             assert not value.is_inference()
             assert torch.equal(value, expected)
         fast.pred_boxes.scale(2.0, 2.0)
-        fast.pred_masks[:, 0, 0] = True
+        masks.pixels[:1] = True
         fast.scores.clamp_(max=0.5)
 
 

@@ -3,10 +3,10 @@ trains and evaluates, --eval-only reproduces the metrics of the run that saved t
 killed run resumes from its last checkpoint, and two Gloo processes train together.
 
 Tiny settings: 128 px inputs, batch 2, two iterations, the synthetic neural-like sets (generated
-once per module into a temporary $OBJGUIDED_DATASETS). The barely trained ObjGuided gets low
-center and mask thresholds so that it predicts something to evaluate. Each process computes on
-one thread: on a small machine shared with other work, two OpenMP threads per process can run an
-order of magnitude slower.
+once per session into a temporary $OBJGUIDED_DATASETS, see conftest.py). The barely trained
+ObjGuided gets low center and mask thresholds so that it predicts something to evaluate. Each
+process computes on one thread: on a small machine shared with other work, two OpenMP threads per
+process can run an order of magnitude slower.
 """
 
 import json
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
 from helpers import ARCHITECTURES, REPO
 
-from objguided_d2.data import DATASETS_ROOT_ENV, register_builtin_datasets
+from objguided_d2.data import DATASETS_ROOT_ENV
 
 TINY = [
     "INPUT.IMAGE_SIZE", "128",
@@ -42,19 +41,6 @@ EXTRA = {
 EVALUATION = Path("inference/synthetic_neural_val/evaluation.json")
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def datasets_root(tmp_path_factory):
-    """The synthetic sets, generated here once, for the subprocesses to find."""
-    root = tmp_path_factory.mktemp("datasets")
-    register_builtin_datasets(root)
-    try:
-        for name in ("synthetic_neural_train", "synthetic_neural_val"):
-            DatasetCatalog.get(name)
-    finally:
-        register_builtin_datasets()  # back to the default root for other tests
-    return root
 
 
 def subprocess_env(datasets_root) -> dict:

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import statistics
 
+import torch
+
+from ..modeling.mask_windows import MaskWindows
 from .inputs import InputSet
 from .runners import Runner
+
+
+def count_nonempty(masks: torch.Tensor | MaskWindows) -> int:
+    """Masks with a pixel, of (N, H, W) masks or N masks' windows."""
+    nonempty = masks.nonempty() if isinstance(masks, MaskWindows) else masks.flatten(1).any(1)
+    return int(nonempty.sum())
 
 
 def median_ms(values: list[float]) -> float:
@@ -41,7 +50,7 @@ def time_inference(
                                 "boxes": len(sample.boxes),
                                 "segmented": runner.segmented(sample.boxes.to(runner.device)),
                                 "returned": len(result),
-                                "nonempty_masks": int(result.pred_masks.flatten(1).any(1).sum()),
+                                "nonempty_masks": count_nonempty(result.pred_masks),
                             }
                         )
         print(f"inference repetition {repetition + 1}/{warmup + repeats} done")

@@ -42,8 +42,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..modeling.mask_windows import MaskWindows
 from .matching import (
     encode_masks,
+    encode_window,
     intersections_and_unions,
     mask_iou,
     rle_areas,
@@ -61,7 +63,8 @@ def _painted_windows(masks: torch.Tensor, scores: torch.Tensor, rles: list[dict]
     that overlap it (IoU > 0 on the RLEs) are consulted, and only inside its box.
 
     Args:
-        masks: bool (N, H, W); scores: (N,), ties go to the lower index; rles: the masks' RLEs.
+        masks: bool (N, H, W) or N masks' windows; scores: (N,), ties go to the lower index;
+            rles: the masks' RLEs.
 
     Yields:
         In decreasing score order: (index, (row slice, col slice) of the mask's tight box,
@@ -73,20 +76,27 @@ def _painted_windows(masks: torch.Tensor, scores: torch.Tensor, rles: list[dict]
     for i in np.argsort(-scores.detach().cpu().numpy(), kind="stable").tolist():
         x0, y0, x1, y1 = boxes[i]
         window = (slice(y0, y1), slice(x0, x1))
-        crop = masks[i][window]
-        above = torch.as_tensor(np.flatnonzero(overlaps[i] & painted), device=masks.device)
+        crop = _box_crops(masks, [i], y0, x0, y1, x1)[0]
+        above = np.flatnonzero(overlaps[i] & painted)
         if len(above):
-            # Slice before indexing: gathers the windows, not whole masks.
-            crop = crop & ~masks[:, y0:y1, x0:x1][above].any(dim=0)
+            crop = crop & ~_box_crops(masks, above, y0, x0, y1, x1).any(dim=0)
         painted[i] = True
         yield i, window, crop, len(above) > 0
 
 
-def paint_by_score(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def _box_crops(masks, indices, y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
+    """The masks ``indices`` inside the image box [y0, y1) x [x0, x1): (K, y1 - y0, x1 - x0)."""
+    if isinstance(masks, MaskWindows):
+        return torch.stack([masks.crop(int(i), (y0, x0), (y1 - y0, x1 - x0)) for i in indices])
+    # Slice before indexing: gathers the boxes, not whole masks.
+    return masks[:, y0:y1, x0:x1][torch.as_tensor(indices, device=masks.device)]
+
+
+def paint_by_score(masks: torch.Tensor | MaskWindows, scores: torch.Tensor) -> torch.Tensor:
     """Label image of overlapping masks: each pixel goes to the highest-scored mask covering it.
 
     Args:
-        masks: bool (N, H, W).
+        masks: bool (N, H, W), or N masks' windows.
         scores: (N,); ties go to the lower index.
 
     Returns:
@@ -98,12 +108,12 @@ def paint_by_score(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def paint_by_score_rles(masks: torch.Tensor, scores: torch.Tensor) -> list[dict]:
+def paint_by_score_rles(masks: torch.Tensor | MaskWindows, scores: torch.Tensor) -> list[dict]:
     """The instances of :func:`paint_by_score`'s label image as RLEs, in decreasing score order;
     masks left without pixels are dropped.
 
     Args:
-        masks: bool (N, H, W).
+        masks: bool (N, H, W), or N masks' windows.
         scores: (N,); ties go to the lower index.
     """
     rles = encode_masks(masks)
@@ -113,12 +123,9 @@ def paint_by_score_rles(masks: torch.Tensor, scores: torch.Tensor) -> list[dict]
             if was_changed:
                 changed.append((len(kept), window, crop))
             kept.append(rles[i])
-    # Re-encode only what painting changed (usually a few masks; at most the input's size).
-    full = masks.new_zeros((len(changed), *masks.shape[1:]))
-    for j, (_, window, crop) in enumerate(changed):
-        full[j][window] = crop
-    for (position, _, _), rle in zip(changed, encode_masks(full)):
-        kept[position] = rle
+    # Re-encode only what painting changed (usually a few masks), from their boxes.
+    for position, (rows, cols), crop in changed:
+        kept[position] = encode_window(crop, [rows.start, cols.start], masks.shape[1:])
     return kept
 
 

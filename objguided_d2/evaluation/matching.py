@@ -11,27 +11,57 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 
+from ..modeling.mask_windows import MaskWindows
+
 # Masks encoded per call to pycocotools: bounds the uint8 copy to CHUNK x H x W.
 _ENCODE_CHUNK = 64
 # pycocotools (2.0.11) sizes its area output with a uint8 scalar, which NumPy 2 refuses beyond 255.
 _AREA_CHUNK = 255
 
 
-def encode_masks(masks: torch.Tensor) -> list[dict]:
+def encode_masks(masks: torch.Tensor | MaskWindows) -> list[dict]:
     """Compressed RLEs of binary masks.
 
     Args:
-        masks: bool or uint8 tensor of shape (N, H, W), on any device.
+        masks: bool or uint8 tensor of shape (N, H, W), on any device, or N masks' windows
+            (encoded from the windows, never written out at full size).
 
     Returns:
         N RLE dicts, in order.
     """
+    if isinstance(masks, MaskWindows):
+        return [
+            encode_window(masks.window(i), masks.origins[i].tolist(), masks.image_hw)
+            for i in range(len(masks))
+        ]
     rles = []
     for chunk in masks.split(_ENCODE_CHUNK):
         # pycocotools wants an H x W x N uint8 array in Fortran order.
         array = np.asfortranarray(chunk.to(device="cpu", dtype=torch.uint8).permute(1, 2, 0))
         rles.extend(mask_util.encode(array))
     return rles
+
+
+def encode_window(window: torch.Tensor, origin: list[int], image_hw: tuple[int, int]) -> dict:
+    """Compressed RLE of the (H, W) image mask whose pixels are all in ``window`` ((h, w) bool
+    at image position ``origin`` (y, x)), the same as :func:`encode_masks` of the full mask."""
+    height, width = image_hw
+    # Foreground pixels in the column-major order of COCO's RLE, as positions in the full image.
+    cols, rows = np.nonzero(window.cpu().numpy().T)
+    positions = (origin[1] + cols) * height + (origin[0] + rows)
+    if positions.size == 0:
+        counts = np.array([height * width])
+    else:
+        run_breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        starts = positions[np.r_[0, run_breaks]]
+        ends = positions[np.r_[run_breaks - 1, positions.size - 1]] + 1
+        edges = np.stack((starts, ends), axis=1).reshape(-1)
+        # alternating background / foreground runs; a mask ending on the last pixel ends on its run
+        counts = np.diff(np.r_[0, edges, height * width])
+        counts = counts[:-1] if counts[-1] == 0 else counts
+    return mask_util.frPyObjects(
+        {"counts": counts.tolist(), "size": [height, width]}, height, width
+    )
 
 
 def annotation_to_rle(segmentation, height: int, width: int) -> dict:

@@ -1,8 +1,11 @@
 """Paste-back and mask NMS of the object-guided mask branch, on mask windows.
 
 Every predicted mask lives in its ROI's window of the image (:class:`MaskWindows`): paste-back
-writes the windows, mask NMS reads them, and only the masks it keeps are ever written out at full
-image size. Pure tensor code (no detectron2 types), batched over ROIs.
+writes the windows, mask NMS reads them, and the predictions carry the kept masks as windows of
+their tight boxes, so that memory grows with the objects' area, not with the image's area times
+their number. The evaluators and the exports read the windows; a caller that wants full-image
+masks asks for them (:meth:`MaskWindows.to_masks`, ``np.asarray``, iteration). Pure tensor code
+(no detectron2 types), batched over ROIs.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ class MaskWindows:
     """Binary masks of R objects in one H x W image, each stored as a window of the image that
     holds all of the mask (ragged, concatenated).
 
-    Paste-back writes them and mask NMS reads them, so that only the masks NMS keeps are ever
-    written out at full size (:meth:`to_masks`).
+    Paste-back writes them and mask NMS reads them; the predictions' ``pred_masks`` are the kept
+    masks cropped to their tight boxes (:meth:`tight`). Works as an ``Instances`` field (length,
+    indexing, ``to``, ``cat``), and reads as full-image masks where a caller asks: :meth:`to_masks`,
+    ``np.asarray`` (N, H, W), or iterating, one (H, W) mask at a time (detectron2's
+    ``instances_to_coco_json`` and ``Visualizer`` so read them).
 
     Attributes:
         pixels: (P,) bool, the windows' pixels, each window row-major, windows one after another.
@@ -52,6 +58,93 @@ class MaskWindows:
 
     def __len__(self) -> int:
         return self.shapes.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(N, H, W), the shape of the full-image masks."""
+        return (len(self), *self.image_hw)
+
+    def __getitem__(self, item: int | slice | torch.Tensor) -> MaskWindows:
+        """The masks ``item`` (an index, a slice, (K,) int64 indices or an (N,) bool mask)."""
+        index = torch.arange(len(self), device=self.device)[item]
+        return self.select(index.reshape(-1))
+
+    def select(self, index: torch.Tensor) -> MaskWindows:
+        """The masks ``index`` ((K,) int64), in that order, their windows copied out."""
+        sizes = self.shapes[index].prod(dim=1)
+        offsets = torch.cumsum(sizes, 0) - sizes
+        within = torch.arange(int(sizes.sum()), device=self.device)
+        within -= torch.repeat_interleave(offsets, sizes)
+        return MaskWindows(
+            pixels=self.pixels[torch.repeat_interleave(self.offsets[index], sizes) + within],
+            origins=self.origins[index],
+            shapes=self.shapes[index],
+            boxes=self.boxes[index],
+            image_hw=self.image_hw,
+        )
+
+    def tight(self, index: torch.Tensor | None = None) -> MaskWindows:
+        """The masks ``index`` ((K,) int64, default all), each in the window of its tight box
+        (an empty mask in a 0 x 0 window at the image origin)."""
+        if index is None:
+            index = torch.arange(len(self), device=self.device)
+        boxes = self.boxes[index]
+        corner = boxes[:, [1, 0]].long()  # (y1, x1)
+        shapes = (boxes[:, [3, 2]].long() - corner).clamp(min=0)
+        crops = [self.crop(i, c, s).reshape(-1) for i, c, s in zip(index, corner, shapes)]
+        return MaskWindows(
+            pixels=torch.cat([self.pixels[:0], *crops]),
+            origins=corner,
+            shapes=shapes,
+            boxes=boxes,
+            image_hw=self.image_hw,
+        )
+
+    def to(self, device: torch.device | str) -> MaskWindows:
+        return MaskWindows(
+            pixels=self.pixels.to(device),
+            origins=self.origins.to(device),
+            shapes=self.shapes.to(device),
+            boxes=self.boxes.to(device),
+            image_hw=self.image_hw,
+        )
+
+    def window(self, i: int) -> torch.Tensor:
+        """Mask ``i``'s window, (h, w) bool."""
+        height, width = (int(v) for v in self.shapes[i])
+        start = int(self.offsets[i])
+        return self.pixels[start : start + height * width].view(height, width)
+
+    def crop(self, i: int, corner: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+        """Mask ``i`` in the image window at ``corner`` (y, x) of ``shape`` (h, w): (h, w) bool,
+        False outside the mask's own window."""
+        (y0, x0), (height, width) = (int(v) for v in corner), (int(v) for v in shape)
+        out = torch.zeros((height, width), dtype=torch.bool, device=self.device)
+        (oy, ox), (wh, ww) = (int(v) for v in self.origins[i]), (int(v) for v in self.shapes[i])
+        top, left = max(y0, oy), max(x0, ox)
+        bottom, right = min(y0 + height, oy + wh), min(x0 + width, ox + ww)
+        if bottom > top and right > left:
+            out[top - y0 : bottom - y0, left - x0 : right - x0] = self.window(i)[
+                top - oy : bottom - oy, left - ox : right - ox
+            ]
+        return out
+
+    def __iter__(self):
+        """Full-image (H, W) bool masks, one at a time."""
+        for i in range(len(self)):
+            yield self.crop(i, (0, 0), self.image_hw)
+
+    def __array__(self, dtype=None, copy=None):
+        masks = self.to_masks().cpu().numpy()
+        return masks if dtype is None else masks.astype(dtype)
+
+    def nonempty(self) -> torch.Tensor:
+        """(N,) bool: whether each mask has a pixel."""
+        return self.boxes[:, 2] > self.boxes[:, 0]
 
     @classmethod
     def from_masks(cls, masks: torch.Tensor) -> MaskWindows:

@@ -1,8 +1,8 @@
 """The object-guided segmentor: backbone + center-keypoint detector + object-guided mask heads.
 
 Detectron2's ``GeneralizedRCNN`` cannot be reused because its ``detector_postprocess`` treats
-``pred_masks`` as box-relative M x M masks; the ROI heads here paste full-image masks themselves,
-directly at the original image resolution.
+``pred_masks`` as box-relative M x M masks; the ROI heads here paste the masks themselves,
+directly at the original image resolution, each in the window of its tight box.
 """
 
 from collections.abc import Sequence
@@ -106,7 +106,8 @@ class ObjGuidedSegmentor(nn.Module):
 
         Returns:
             with ``do_postprocess``, ``[{"instances": Instances}]`` per image, else the list of
-            Instances. Each holds pred_masks (bool, N x H x W), pred_boxes, scores, pred_classes.
+            Instances. Each holds pred_masks (N masks of H x W as
+            :class:`.mask_windows.MaskWindows`), pred_boxes, scores, pred_classes.
         """
         assert not self.training
         images = self.preprocess_image(batched_inputs)
