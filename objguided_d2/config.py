@@ -110,6 +110,13 @@ def _add_input_config(cfg: CN) -> None:
     # Test-time resize: "fit" (longest side to the test size, aspect kept) or "stretch" (authors:
     # both sides to it). Predictions always come back at the original resolution.
     _C.TEST_RESIZE = "fit"
+    # Scale test images by this factor instead (aspect kept; 0: resize as TEST_RESIZE says), e.g.
+    # so that a user's objects match the training scale (tools/predict.py --object-size).
+    _C.TEST_SCALE = 0.0
+    # Typical object diameter, sqrt(box width x height), in pixels at the test scale of the
+    # training images: the median over DATASETS.TRAIN, measured when a training run starts with 0
+    # here and recorded in its config.yaml.
+    _C.OBJECT_SIZE = 0.0
     _C.MIN_INSTANCE_SIZE = 2         # instances whose box is thinner than this (pixels) are dropped
     # After the augmentations, keep each mask's largest 4-connected component only (authors: True,
     # with MIN_INSTANCE_SIZE 4) or every fragment of it in its mask and box (False).
@@ -163,6 +170,8 @@ _VALID_VALUES = {
     ),
     "INPUT.SQUARE_CROP.CENTER_MARGIN": (_non_negative, "a margin in pixels, 0 or more"),
     "INPUT.TEST_RESIZE": (lambda mode: mode in ("fit", "stretch"), "'fit' or 'stretch'"),
+    "INPUT.TEST_SCALE": (_non_negative, "a positive factor, or 0 for INPUT.TEST_RESIZE"),
+    "INPUT.OBJECT_SIZE": (_non_negative, "a diameter in pixels, or 0 for unknown"),
     "INPUT.MIN_INSTANCE_SIZE": (_non_negative, "a size in pixels, 0 or more"),
     "SOLVER.DIVERGENCE_RATIO": (_non_negative, "a ratio, or 0 for no check"),
     "TEST.BIO_SCORE_THRESH": (_fraction, "a score in [0, 1]"),

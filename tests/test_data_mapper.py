@@ -10,7 +10,7 @@ from detectron2.data.detection_utils import SizeMismatchError
 from PIL import Image
 
 from objguided_d2 import add_objguided_config
-from objguided_d2.data import BioDatasetMapper, ImageReadError
+from objguided_d2.data import BioDatasetMapper, ImageReadError, median_object_size
 from objguided_d2.data.formats import label_image_to_annotations, mask_to_annotation
 from objguided_d2.data.transforms import RandomSquareCrop, ResizeToInput, ScaleShiftTransform
 
@@ -134,6 +134,28 @@ def test_test_resize_fit_and_stretch():
     assert (stretch.scale_x, stretch.scale_y) == (512 / 600, 512 / 300)
     with pytest.raises(ValueError, match="TEST_RESIZE"):
         ResizeToInput(512, "crop")
+    scaled = ResizeToInput(512, "stretch", scale=1.5)  # a scale replaces either mode
+    assert scaled.get_transform(image).apply_image(image).shape == (450, 900, 3)
+    assert scaled.output_hw(3, 5) == (4, 8)  # rounded, aspect kept
+
+
+def test_median_object_size_is_measured_at_the_test_scale():
+    resize = ResizeToInput(512, "fit")
+    records = [  # a 256-px image is tested at twice its size, a 1024-px one at half
+        {"height": 256, "width": 256, "annotations": [box_annotation(256, 256, 0, 0, 10, 10)]},
+        {
+            "height": 1024,
+            "width": 512,
+            "annotations": [
+                box_annotation(1024, 512, 0, 0, 40, 90),
+                {**box_annotation(1024, 512, 0, 0, 500, 500), "iscrowd": 1},  # left out
+            ],
+        },
+        {"height": 100, "width": 100, "annotations": []},
+    ]
+    # diameters sqrt(w * h) at the test scale: 20, sqrt(20 * 45) = 30
+    assert median_object_size(records, resize) == pytest.approx(25.0)
+    assert median_object_size(records[2:], resize) == 0.0
 
 
 # ---- the mapper ----

@@ -227,6 +227,31 @@ def test_predict_writes_label_tiffs_that_hold_exactly_the_predicted_instances(
         assert overlay.shape == (*sizes[name], 3)
 
 
+def test_object_size_scales_the_images_to_the_training_objects_size(
+    stub_predict, images, tmp_path, monkeypatch
+):
+    seen = []
+
+    class SizeRecordingStub(StubModel):
+        def forward(self, batched_inputs):
+            seen.extend(tuple(inputs["image"].shape[-2:]) for inputs in batched_inputs)
+            return super().forward(batched_inputs)
+
+    predict = load_tool("predict")
+    monkeypatch.setattr(predict, "build_model", lambda cfg: SizeRecordingStub())
+    output = tmp_path / "out"
+    gray8 = images / "gray8.png"  # 20 x 18
+    args = ["--config-file", REPO / "configs/compact/synthetic_neural_objguided.yaml"]
+    args += ["--weights", tmp_path / "stub.pth", "--input", gray8, "--output", output]
+    assert predict.main([*args, "--object-size", "10", "INPUT.OBJECT_SIZE", "25.0"]) == 0
+    assert seen == [(50, 45)]  # scaled by 25 / 10, not resized to the test size
+    assert tifffile.imread(output / "gray8_labels.tif").shape == (20, 18)
+    with pytest.raises(SystemExit, match="INPUT.OBJECT_SIZE"):
+        predict.main([*args, "--object-size", "10"])  # the config records no object size
+    with pytest.raises(SystemExit, match="positive diameter"):
+        predict.main([*args, "--object-size", "0", "INPUT.OBJECT_SIZE", "25.0"])
+
+
 def test_predict_score_threshold_drops_instances_from_every_output(stub_predict, images, tmp_path):
     output = tmp_path / "out"
     pattern = str(images / "*.png")

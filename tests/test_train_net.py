@@ -19,9 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from detectron2.data import DatasetCatalog
 from helpers import ARCHITECTURES, REPO
 
-from objguided_d2.data import DATASETS_ROOT_ENV
+from objguided_d2.data import (
+    DATASETS_ROOT_ENV,
+    build_bio_augmentations,
+    median_object_size,
+    register_builtin_datasets,
+)
+from objguided_d2.engine import load_config
 
 TINY = [
     "INPUT.IMAGE_SIZE", "128",
@@ -83,6 +91,23 @@ def trained(datasets_root, tmp_path_factory):
         )  # fmt: skip
         runs[arch] = (output_dir, process.stdout)
     return runs
+
+
+def test_training_records_the_size_of_its_objects(trained, datasets_root):
+    """INPUT.OBJECT_SIZE, 0 in the configs, is measured on the training set and recorded."""
+    recorded = {
+        yaml.safe_load((output_dir / "config.yaml").read_text())["INPUT"]["OBJECT_SIZE"]
+        for output_dir, _ in trained.values()
+    }
+    cfg = load_config(str(trained["objguided"][0] / "config.yaml"))
+    register_builtin_datasets(datasets_root)
+    try:
+        records = DatasetCatalog.get("synthetic_neural_train")
+    finally:
+        register_builtin_datasets()
+    (resize,) = build_bio_augmentations(cfg, is_train=False)
+    expected = round(median_object_size(records, resize), 2)
+    assert expected > 0 and recorded == {expected}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

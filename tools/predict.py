@@ -7,7 +7,9 @@
 
 The model's config is the run's ``config.yaml`` beside the weights (every override of the
 training run is in it) unless ``--config-file`` names another; KEY VALUE overrides follow the
-options (or ``--``).
+options (or ``--``). Images are resized to the test size as in training, or, with
+``--object-size D`` (the objects' diameter in pixels, as Cellpose's), scaled so that their objects
+match the training objects' size (``INPUT.OBJECT_SIZE``, recorded by the training run).
 
 Inputs: image files, folders (their images, not recursive) and glob patterns (PNG, JPEG, TIFF of
 any bit depth, BMP; read and contrast-normalized as in training), or every image of a registered
@@ -94,6 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="drop predictions scoring below this (default 0: keep what the model outputs)",
     )
     parser.add_argument(
+        "--object-size",
+        type=float,
+        help="diameter of the objects in the input images, in pixels: the images are scaled so "
+        "that it matches the training objects' size (INPUT.OBJECT_SIZE of the run's config) "
+        "instead of being resized to the test size; outputs stay at the images' resolution",
+    )
+    parser.add_argument(
         "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
     )
     parser.add_argument(
@@ -142,6 +151,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _is_config_key(word: str) -> bool:
     """Whether a word is a config key (``MODEL.DEVICE``) rather than an input path."""
     return bool(_CONFIG_KEY.fullmatch(word)) and not os.path.exists(word)
+
+
+def object_scale(cfg, object_size: float) -> float:
+    """Test scale that brings objects of ``object_size`` pixels to the size of the training
+    objects at test time (``INPUT.OBJECT_SIZE``)."""
+    if object_size <= 0:
+        raise SystemExit(f"--object-size must be a positive diameter in pixels, got {object_size}")
+    if cfg.INPUT.OBJECT_SIZE <= 0:
+        raise SystemExit(
+            "--object-size needs INPUT.OBJECT_SIZE, the training objects' diameter, which this "
+            "config does not record (train_net.py measures it when training starts): set it, or "
+            "give the scale as INPUT.TEST_SCALE"
+        )
+    return cfg.INPUT.OBJECT_SIZE / object_size
 
 
 def collect_images(patterns: list[str]) -> list[str]:
@@ -287,6 +310,10 @@ def main(argv=None) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise SystemExit(f"--output {args.output} is a file; give a folder for the outputs")
     cfg = load_config(args.config_file, args.opts)
+    if args.object_size is not None:
+        args.opts += ["INPUT.TEST_SCALE", str(object_scale(cfg, args.object_size))]
+        cfg = load_config(args.config_file, args.opts)
+        print(f"Objects of {args.object_size:g} px: images scaled by {cfg.INPUT.TEST_SCALE:.4g}")
     try:
         if args.dataset:
             records = DatasetCatalog.get(args.dataset)

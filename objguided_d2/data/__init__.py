@@ -16,7 +16,7 @@ from .formats import (
     save_coco_json,
 )
 from .image_io import ImageReadError, read_image
-from .mapper import BioDatasetMapper, build_bio_augmentations
+from .mapper import BioDatasetMapper, build_bio_augmentations, median_object_size
 from .synthetic import generate_neural_scene, generate_synthetic_neural
 from .transforms import RandomSquareCrop, ResizeToInput, ScaleShiftTransform
 
@@ -36,6 +36,7 @@ __all__ = [
     "generate_neural_scene",
     "generate_synthetic_neural",
     "label_image_to_annotations",
+    "median_object_size",
     "read_image",
     "read_label_image",
     "register_builtin_datasets",

@@ -1,12 +1,15 @@
 """The dataset mapper every architecture of the project trains and tests with."""
 
+import math
+from collections.abc import Iterable
+
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
 from scipy import ndimage
 
 from .formats import segmentation_to_rle
@@ -18,6 +21,7 @@ __all__ = [
     "build_bio_augmentations",
     "interior_points",
     "largest_components",
+    "median_object_size",
     "tight_boxes",
 ]
 
@@ -30,7 +34,8 @@ def build_bio_augmentations(cfg, is_train: bool) -> list:
     """The paper's augmentations from ``cfg.INPUT`` (see :mod:`objguided_d2.data.transforms`)."""
     size = cfg.INPUT.IMAGE_SIZE
     if not is_train:
-        return [ResizeToInput(cfg.INPUT.TEST_IMAGE_SIZE or size, cfg.INPUT.TEST_RESIZE)]
+        test_size = cfg.INPUT.TEST_IMAGE_SIZE or size
+        return [ResizeToInput(test_size, cfg.INPUT.TEST_RESIZE, cfg.INPUT.TEST_SCALE)]
     crop = cfg.INPUT.SQUARE_CROP
     if crop.ENABLED:
         augmentations = [RandomSquareCrop(size, tuple(crop.SCALES), crop.CENTER_MARGIN)]
@@ -39,6 +44,23 @@ def build_bio_augmentations(cfg, is_train: bool) -> list:
     if cfg.INPUT.HFLIP_TRAIN:
         augmentations.append(T.RandomFlip(prob=0.5, horizontal=True, vertical=False))
     return augmentations
+
+
+def median_object_size(dataset_dicts: Iterable[dict], resize: ResizeToInput) -> float:
+    """Median diameter, sqrt(box width x height), of the non-crowd objects of ``dataset_dicts``
+    in pixels after ``resize`` (0 when there is none): the object size a model trained on them
+    sees at test time."""
+    diameters = []
+    for record in dataset_dicts:
+        height, width = record["height"], record["width"]
+        out_h, out_w = resize.output_hw(height, width)
+        for annotation in record.get("annotations", []):
+            if annotation.get("iscrowd", 0):
+                continue
+            box = BoxMode.convert(annotation["bbox"], annotation["bbox_mode"], BoxMode.XYXY_ABS)
+            box_w, box_h = (box[2] - box[0]) * out_w / width, (box[3] - box[1]) * out_h / height
+            diameters.append(math.sqrt(max(box_w, 0) * max(box_h, 0)))
+    return float(np.median(diameters)) if diameters else 0.0
 
 
 def tight_boxes(masks: np.ndarray) -> np.ndarray:

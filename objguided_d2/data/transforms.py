@@ -135,22 +135,25 @@ class RandomSquareCrop(T.Augmentation):
 
 class ResizeToInput(T.Augmentation):
     """Test-time resize: "fit" scales the longest side to ``size`` keeping the aspect ratio,
-    "stretch" scales both sides to ``size`` (the authors' test resize)."""
+    "stretch" scales both sides to ``size`` (the authors' test resize); a ``scale`` > 0 scales
+    both sides by it instead."""
 
-    def __init__(self, size: int, mode: str = "fit"):
+    def __init__(self, size: int, mode: str = "fit", scale: float = 0.0):
         super().__init__()
         if mode not in TEST_RESIZE_MODES:
             raise ValueError(f"INPUT.TEST_RESIZE must be one of {TEST_RESIZE_MODES}, got {mode!r}")
         self._init(locals())
 
+    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Size of the resized (height, width) image."""
+        if self.scale > 0 or self.mode == "fit":
+            factor = self.scale if self.scale > 0 else self.size / max(height, width)
+            return max(1, round(height * factor)), max(1, round(width * factor))
+        return self.size, self.size
+
     def get_transform(self, image: np.ndarray) -> ScaleShiftTransform:
         height, width = image.shape[:2]
-        if self.mode == "fit":
-            factor = self.size / max(height, width)
-            output_height = max(1, round(height * factor))
-            output_width = max(1, round(width * factor))
-        else:
-            output_height = output_width = self.size
+        output_height, output_width = self.output_hw(height, width)
         # Per-axis scales map the whole image onto the whole output grid, rounding included.
         return ScaleShiftTransform(
             output_width / width, output_height / height, 0.0, 0.0, output_height, output_width

@@ -5,6 +5,7 @@ dataset mapper (the paper's augmentations), the same optimizer choice (``SOLVER.
 the same evaluators (COCO, the paper's AP, biology metrics), so their numbers compare.
 """
 
+import itertools
 import json
 import logging
 import math
@@ -15,7 +16,11 @@ from collections import OrderedDict
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    DatasetCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, default_setup
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
@@ -27,7 +32,12 @@ from tabulate import tabulate
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import add_objguided_config, check_config
-from ..data import BioDatasetMapper, register_dataset_specs
+from ..data import (
+    BioDatasetMapper,
+    build_bio_augmentations,
+    median_object_size,
+    register_dataset_specs,
+)
 from ..evaluation import BiologyEvaluator, PaperAPEvaluator
 
 __all__ = [
@@ -78,10 +88,17 @@ def load_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
 def setup(args) -> CfgNode:
     """Config and logging of a ``tools/train_net.py`` run (``default_argument_parser`` arguments).
 
-    detectron2's ``default_setup`` logs the environment and writes ``OUTPUT_DIR/config.yaml``.
-    Several processes training on one machine's CPUs split its cores between them.
+    A training run with ``INPUT.OBJECT_SIZE`` 0 measures it on its training sets. detectron2's
+    ``default_setup`` logs the environment and writes ``OUTPUT_DIR/config.yaml``. Several
+    processes training on one machine's CPUs split its cores between them.
     """
     cfg = load_config(args.config_file, args.opts)
+    if not args.eval_only and cfg.INPUT.OBJECT_SIZE == 0 and cfg.DATASETS.TRAIN:
+        records = itertools.chain.from_iterable(DatasetCatalog.get(n) for n in cfg.DATASETS.TRAIN)
+        (resize,) = build_bio_augmentations(cfg, is_train=False)
+        cfg.defrost()
+        cfg.INPUT.OBJECT_SIZE = round(median_object_size(records, resize), 2)
+        cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="objguided_d2")
     share_cpu_cores(cfg.MODEL.DEVICE)
