@@ -20,6 +20,7 @@ setup(
         "tifffile",
         "scipy",
         "pycocotools",
+        "tqdm",
     ],
     extras_require={"test": ["pytest", "ruff"]},
 )

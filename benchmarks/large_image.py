@@ -1,16 +1,19 @@
-"""Time and peak memory of ``tools/predict.py`` on one large image of synthetic neural-like cells.
+"""Time and peak memory of ``tools/predict.py`` on large images of synthetic neural-like cells.
 
-The image is a mosaic of synthetic scenes (``objguided_d2.data.synthetic``), tile x tile scenes of
-512 x 512 each; the model is the compact synthetic-neural ObjGuided trained for a few iterations
-(``--train-iters``, once, cached under the output folder) unless ``--weights`` is given. The
-measurement is one fresh ``predict.py`` process: its wall time and its peak resident memory
-(the kernel's high-water mark of that process, ``wait4``; model and libraries included).
+Each image is a mosaic of synthetic scenes (``objguided_d2.data.synthetic``), tiles x tiles scenes
+of 512 x 512 each (``--tiles``, one image per value); the model is the compact synthetic-neural
+ObjGuided trained for a few iterations (``--train-iters``, once, cached under the work folder)
+unless ``--weights`` is given. Each measurement is one fresh ``predict.py`` process: its wall
+time and its peak resident memory (the kernel's high-water mark of that process, ``wait4``;
+model and libraries included).
 
     .venv/bin/python benchmarks/large_image.py --tiles 4 INPUT.TEST_IMAGE_SIZE 1024
+    .venv/bin/python benchmarks/large_image.py --tiles 4 8 16 INPUT.TEST_SCALE 1.0
 
-prints one line per measurement and writes ``large_image_<tag>.{json,md}`` to
-``benchmarks/results/`` (``--output-dir``). Trailing ``KEY VALUE`` pairs go to ``predict.py`` as
-config overrides.
+The first resizes a 2048-px image to 1024 and segments it whole; the second segments 2048-,
+4096- and 8192-px images at the scale of the training scenes, in tiles of the test size. Prints
+one line per image and writes ``large_image_<tag>.{json,md}`` to ``benchmarks/results/``
+(``--output-dir``). Trailing ``KEY VALUE`` pairs go to ``predict.py`` as config overrides.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from objguided_d2.benchmark.report import write_results  # noqa: E402
 from objguided_d2.data.synthetic import generate_neural_scene  # noqa: E402
 
 SCENE_SIDE = 512
@@ -114,7 +118,9 @@ def _shown(path: Path) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiles", type=int, default=4, help="mosaic side in 512-px scenes")
+    parser.add_argument(
+        "--tiles", type=int, nargs="+", default=[4], help="mosaic sides in 512-px scenes"
+    )
     parser.add_argument("--weights", help="trained ObjGuided weights (default: train one)")
     parser.add_argument("--train-iters", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
@@ -128,37 +134,50 @@ def main(argv=None):
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     weights = Path(args.weights) if args.weights else train_model(work, args.train_iters, 2)
-    image, cells = mosaic(args.tiles, args.seed)
-    image_path = work / f"mosaic_{image.shape[0]}.png"
-    cv2.imwrite(str(image_path), image)
-    seconds, peak_mb, instances = predict(
-        image_path, weights, work / "predictions", args.threads, args.overrides
-    )
+    rows = []
+    for tiles in args.tiles:
+        image, cells = mosaic(tiles, args.seed)
+        image_path = work / f"mosaic_{image.shape[0]}.png"
+        cv2.imwrite(str(image_path), image)
+        del image
+        seconds, peak_mb, instances = predict(
+            image_path, weights, work / "predictions", args.threads, args.overrides
+        )
+        side = tiles * SCENE_SIDE
+        rows.append(
+            {
+                "image_side": side,
+                "cells": cells,
+                "instances": instances,
+                "seconds": round(seconds, 2),
+                "peak_rss_mb": round(peak_mb, 1),
+            }
+        )
+        print(
+            f"{side} x {side} px, {cells} cells: {instances} instances in {seconds:.1f} s, "
+            f"peak RSS {peak_mb:.0f} MB"
+        )
     record = {
-        "image_side": image.shape[0],
-        "cells": cells,
-        "instances": instances,
-        "seconds": round(seconds, 2),
-        "peak_rss_mb": round(peak_mb, 1),
         "threads": args.threads,
         "overrides": args.overrides,
         "weights": _shown(weights),
         "command": " ".join(["benchmarks/large_image.py", *(argv or sys.argv[1:])]),
+        "images": rows,
     }
-    print(
-        f"{image.shape[0]} x {image.shape[1]} px, {cells} cells: {instances} instances in "
-        f"{seconds:.1f} s, peak RSS {peak_mb:.0f} MB"
-    )
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"large_image_{args.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"large_image_{args.tag}.md").write_text(
-        f"`{record['command']}` (weights: `{record['weights']}`)\n\n"
-        "| image | cells | instances | seconds | peak RSS (MB) | threads | overrides |\n"
-        "|---|---:|---:|---:|---:|---:|---|\n"
-        f"| {image.shape[0]} x {image.shape[1]} | {cells} | {instances} | {seconds:.1f} | "
-        f"{peak_mb:.0f} | {args.threads} | {' '.join(args.overrides)} |\n"
-    )
+    lines = [
+        f"`{record['command']}` (weights: `{record['weights']}`, {args.threads} thread(s))",
+        "",
+        "| image | cells | instances | seconds | s per megapixel | peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        megapixels = row["image_side"] ** 2 / 1e6
+        lines.append(
+            f"| {row['image_side']} x {row['image_side']} | {row['cells']} | {row['instances']} "
+            f"| {row['seconds']:.1f} | {row['seconds'] / megapixels:.2f} "
+            f"| {row['peak_rss_mb']:.0f} |"
+        )
+    write_results(args.output_dir, f"large_image_{args.tag}", record, "\n".join(lines) + "\n")
     return record
 
 

@@ -77,6 +77,15 @@ def add_objguided_config(cfg: CN) -> None:
     # neighbour.
     _C.PASTE_NORMALIZED = True
     _C.MASK_NMS_THRESH = 0.2         # mask IoU above which a lower-scored mask is suppressed
+    # Network inputs with a side above TILE_SIZE (e.g. large images at INPUT.TEST_SCALE) are
+    # segmented in overlapping tiles of that side; an object is kept from the tile whose core
+    # (the tile less half of each overlap) holds its keypoint, and mask NMS runs across tiles.
+    # 0: the test size (INPUT.TEST_IMAGE_SIZE, else IMAGE_SIZE). TEST.DETECTIONS_PER_IMAGE
+    # caps each tile.
+    _C.TILE_SIZE = 0
+    # Overlap of neighbouring tiles (network-input px): objects up to about this size are never
+    # cut by a tile's border. 0: a quarter of the tile size.
+    _C.TILE_OVERLAP = 0
     # GT instances per training image that get a mask ROI; 0 = all of them (authors).
     _C.MAX_TRAIN_ROIS_PER_IMAGE = 0
 
@@ -189,6 +198,11 @@ _VALID_VALUES = {
     "MODEL.OBJGUIDED.MASK_THRESH_TEST": (_fraction, "a probability in [0, 1]"),
     "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),
     "MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE": (_non_negative, "a count, or 0 for all"),
+    "MODEL.OBJGUIDED.TILE_SIZE": (_non_negative, "a side in pixels, or 0 for the test size"),
+    "MODEL.OBJGUIDED.TILE_OVERLAP": (
+        _non_negative,
+        "an overlap in pixels, or 0 for a quarter of the tile size",
+    ),
 }
 
 

@@ -14,11 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 import tifffile
 import torch
-from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 
 from .evaluation.bio_metrics import paint_by_score
-from .evaluation.matching import encode_masks
+from .evaluation.coco import instances_to_coco_results
 
 # The largest label a uint16 image can hold (0 is background).
 MAX_LABEL = np.iinfo(np.uint16).max
@@ -86,13 +85,7 @@ def instances_to_results(
         One dict per instance: image_id, file_name, category_id, bbox (XYWH), score,
         segmentation (COCO RLE, counts as str) and label.
     """
-    instances = instances.to("cpu")
-    # detectron2's boxes, scores and classes; the masks encoded here, from their windows where
-    # the model gives windows (detectron2 would write each out at full size).
-    fields = {name: instances.get(name) for name in instances.get_fields() if name != "pred_masks"}
-    results = instances_to_coco_json(Instances(instances.image_size, **fields), image_id)
-    for result, rle in zip(results, encode_masks(instances.pred_masks), strict=True):
-        result["segmentation"] = {**rle, "counts": rle["counts"].decode("utf-8")}
+    results = instances_to_coco_results(instances, image_id)
     for result, label in zip(results, labels, strict=True):
         if category_ids is not None:
             result["category_id"] = category_ids[result["category_id"]]
@@ -116,13 +109,16 @@ def label_colors(num_labels: int) -> np.ndarray:
     return colors
 
 
-def draw_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+def draw_overlay(
+    image: np.ndarray, labels: np.ndarray, alpha: float = 0.4, band_rows: int = 512
+) -> np.ndarray:
     """Instances of a label image drawn over their image: tinted regions with solid outlines.
 
     Args:
         image: (H, W) or (H, W, 3) uint8 RGB image.
         labels: (H, W) integer label image, 0 = background.
         alpha: opacity of the region tint (outlines are opaque).
+        band_rows: rows blended at once (the float temporaries of a band, not of the image).
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -130,10 +126,8 @@ def draw_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> n
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
     rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
-    colors = label_colors(int(labels.max()))[labels].astype(np.float32)
-    out = rgb.astype(np.float32)
+    colors = label_colors(int(labels.max())).astype(np.float32)
     inside = labels > 0
-    out[inside] = (1 - alpha) * out[inside] + alpha * colors[inside]
     # An outline pixel is a labelled pixel with a differently labelled 4-neighbour.
     padded = np.pad(labels, 1, mode="edge")
     outline = inside & (
@@ -142,5 +136,13 @@ def draw_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> n
         | (padded[1:-1, :-2] != labels)
         | (padded[1:-1, 2:] != labels)
     )
-    out[outline] = colors[outline]
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    del padded
+    out = np.empty(rgb.shape, dtype=np.uint8)
+    for start in range(0, labels.shape[0], band_rows):
+        band = slice(start, start + band_rows)
+        color = colors[labels[band]]
+        pixels = rgb[band].astype(np.float32)
+        tinted = np.where(inside[band, :, None], (1 - alpha) * pixels + alpha * color, pixels)
+        drawn = np.where(outline[band, :, None], color, tinted)
+        out[band] = np.clip(np.round(drawn), 0, 255)
+    return out

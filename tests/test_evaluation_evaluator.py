@@ -27,14 +27,19 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import launch
-from detectron2.evaluation import DatasetEvaluators, inference_on_dataset, print_csv_format
+from detectron2.evaluation import (
+    COCOEvaluator,
+    DatasetEvaluators,
+    inference_on_dataset,
+    print_csv_format,
+)
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.structures import Boxes, BoxMode, Instances
 from helpers import CONFIG_DIR
 from torch import nn
 
 from objguided_d2.engine import Trainer, leave_process_group, load_config
-from objguided_d2.evaluation import BiologyEvaluator, PaperAPEvaluator
+from objguided_d2.evaluation import BiologyEvaluator, PaperAPEvaluator, WindowCOCOEvaluator
 from objguided_d2.evaluation.matching import encode_masks
 from objguided_d2.modeling.mask_windows import MaskWindows
 
@@ -222,6 +227,32 @@ def test_evaluators_end_to_end_through_inference_on_dataset(registered, tmp_path
     assert per_image[0]["AJI"] == pytest.approx(100 * 100 / 124)
     assert per_image[3]["AJI"] is None  # undefined: written as null
     assert per_image[3]["image_id"] is None and per_image[3]["file_name"] == "image_4.png"
+
+
+def test_coco_evaluation_of_windows_equals_detectrons_of_full_masks(registered, tmp_path):
+    """WindowCOCOEvaluator, encoding the windows, writes and scores what detectron2's
+    COCOEvaluator does with the full-image masks."""
+    register, (_, inputs, outputs) = registered
+    name = register()
+    windowed = []
+    for output in outputs:
+        instances = Instances(output["instances"].image_size, **output["instances"].get_fields())
+        instances.pred_masks = MaskWindows.from_masks(instances.pred_masks).tight()
+        windowed.append({"instances": instances})
+    results = {}
+    for label, evaluator_class, replayed in (
+        ("detectron2", COCOEvaluator, outputs),
+        ("windows", WindowCOCOEvaluator, windowed),
+    ):
+        folder = tmp_path / label
+        evaluator = evaluator_class(name, output_dir=str(folder), allow_cached_coco=False)
+        model = _ReplayModel({x["file_name"]: out for x, out in zip(inputs, replayed)})
+        # (detectron2's COCOEvaluator needs every image's id: the images that have one)
+        results[label] = inference_on_dataset(model, [inputs[:3]], evaluator)
+        results[label + " file"] = json.loads((folder / "coco_instances_results.json").read_text())
+    np.testing.assert_equal(results["windows"], results["detectron2"])  # NaN equals NaN
+    assert len(results["windows file"]) == 5
+    assert results["windows file"] == results["detectron2 file"]
 
 
 def test_a_set_without_ground_truth_says_so_beside_its_undefined_metrics(

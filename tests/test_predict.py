@@ -144,6 +144,9 @@ def test_overlay_tints_regions_outlines_them_and_keeps_the_background():
     ring[2, 2] = False
     assert (overlay[ring] == color).all()
     assert (overlay[labels == 0] == 100).all()
+    # blended a band of rows at a time, outlines across band borders included: the same
+    for band_rows in (1, 2, 3):
+        assert np.array_equal(draw_overlay(image, labels, alpha=0.25, band_rows=band_rows), overlay)
 
 
 class StubModel(torch.nn.Module):

@@ -233,3 +233,47 @@ def test_two_gloo_processes_train_and_evaluate_together(datasets_root, tmp_path)
     assert checkpoint_iteration(tmp_path / "model_final.pth") == 4
     evaluation = json.loads((tmp_path / EVALUATION).read_text())
     assert set(evaluation["results"]) == {"bbox", "segm", "paper", "bio"}
+
+
+def test_tiled_inference_benchmark_evaluates_four_ways(trained, datasets_root, tmp_path):
+    """benchmarks/tiled_inference.py on a trained run: upscaled copies written, four evaluations
+    (tiles forced by a small tile size), and a report of what it measured."""
+    output_dir, _ = trained["objguided"]
+    process = subprocess.run(
+        [
+            sys.executable, "benchmarks/tiled_inference.py", "--run", output_dir,
+            "--dataset", "synthetic_neural_val", "--factor", "2", "--tag", "test",
+            "--work-dir", tmp_path / "work", "--output-dir", tmp_path / "results",
+            "MODEL.OBJGUIDED.TILE_SIZE", "256",
+        ],
+        cwd=REPO,
+        env=subprocess_env(datasets_root),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    record = json.loads((tmp_path / "results/tiled_inference_test.json").read_text())
+    upscaled = json.loads((tmp_path / "work/synthetic_neural_val_x2.json").read_text())
+    register_builtin_datasets(datasets_root)
+    try:
+        originals = DatasetCatalog.get("synthetic_neural_val")
+    finally:
+        register_builtin_datasets()
+    assert len(upscaled["images"]) == record["images"] == len(originals) == 20
+    assert [(image["height"], image["width"]) for image in upscaled["images"]] == [
+        (2 * r["height"], 2 * r["width"]) for r in originals
+    ]
+    assert len(upscaled["annotations"]) == sum(len(r["annotations"]) for r in originals)
+    # every upscaled image at the objects' scale is larger than a 256-px tile
+    assert record["images_tiled"] == 20 and record["tile_size"] == 256
+    assert record["object_size"] > 0 and record["test_scale"] > 0
+    rows = {row["evaluation"]: row for row in record["rows"]}
+    assert list(rows) == [
+        "originals, test size", "originals, whole", "upscaled, tiled", "upscaled, whole",
+    ]  # fmt: skip
+    for label, row in rows.items():
+        assert 0 <= row["APseg"] <= 100 and row["seconds"] > 0, label
+        assert f"{label}: APseg {row['APseg']}" in process.stdout
+    report = (tmp_path / "results/tiled_inference_test.md").read_text()
+    assert report.count("\n| ") == 5  # table header and four rows

@@ -9,7 +9,9 @@ The model's config is the run's ``config.yaml`` beside the weights (every overri
 training run is in it) unless ``--config-file`` names another; KEY VALUE overrides follow the
 options (or ``--``). Images are resized to the test size as in training, or, with
 ``--object-size D`` (the objects' diameter in pixels, as Cellpose's), scaled so that their objects
-match the training objects' size (``INPUT.OBJECT_SIZE``, recorded by the training run).
+match the training objects' size (``INPUT.OBJECT_SIZE``, recorded by the training run); an
+ObjGuided model segments a scaled image larger than its test size in overlapping tiles
+(``MODEL.OBJGUIDED.TILE_SIZE``, ``TILE_OVERLAP``), each object once.
 
 Inputs: image files, folders (their images, not recursive) and glob patterns (PNG, JPEG, TIFF of
 any bit depth, BMP; read and contrast-normalized as in training), or every image of a registered
@@ -100,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         help="diameter of the objects in the input images, in pixels: the images are scaled so "
         "that it matches the training objects' size (INPUT.OBJECT_SIZE of the run's config) "
-        "instead of being resized to the test size; outputs stay at the images' resolution",
+        "instead of being resized to the test size (ObjGuided segments larger ones in tiles); "
+        "outputs stay at the images' resolution",
     )
     parser.add_argument(
         "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"

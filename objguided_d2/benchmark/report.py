@@ -159,11 +159,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(output_dir: Path, stem: str, record: dict, text: str) -> None:
+    """A benchmark's results: ``<stem>.json`` (``record``) and ``<stem>.md`` (``text``) in
+    ``output_dir`` (created if needed)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (output_dir / f"{stem}.md").write_text(text)
+
+
 def write_report(report: dict, output_dir: Path) -> str:
     """``benchmark_<tag>.json`` and ``.md`` in ``output_dir``; returns the markdown."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"benchmark_{report['tag']}"
-    (output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (output_dir / f"{stem}.md").write_text(text)
+    write_results(output_dir, f"benchmark_{report['tag']}", report, text)
     return text

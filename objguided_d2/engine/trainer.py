@@ -23,7 +23,7 @@ from detectron2.data import (
 )
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, default_setup
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.solver import build_optimizer, get_default_optimizer_params
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -38,7 +38,7 @@ from ..data import (
     median_object_size,
     register_dataset_specs,
 )
-from ..evaluation import BiologyEvaluator, PaperAPEvaluator
+from ..evaluation import BiologyEvaluator, PaperAPEvaluator, WindowCOCOEvaluator
 
 __all__ = [
     "EVALUATION_FILE",
@@ -276,7 +276,7 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or evaluation_dir(cfg, dataset_name)
         return DatasetEvaluators(
             [
-                COCOEvaluator(
+                WindowCOCOEvaluator(
                     dataset_name,
                     tasks=("bbox", "segm"),
                     output_dir=output_folder,

@@ -6,6 +6,7 @@ Not imported by ``import objguided_d2``; ``from objguided_d2.evaluation import .
 """
 
 from .bio_metrics import ImageStatistics, paint_by_score, paint_by_score_rles, summarize
+from .coco import WindowCOCOEvaluator, instances_to_coco_results
 from .detector_diagnostics import diagnose_detector, summarize_detections
 from .evaluator import BiologyEvaluator, PaperAPEvaluator
 from .matching import box_iou, encode_masks, mask_iou
@@ -17,9 +18,11 @@ __all__ = [
     "ImageStatistics",
     "PaperAPEvaluator",
     "PrecisionRecall",
+    "WindowCOCOEvaluator",
     "box_iou",
     "diagnose_detector",
     "encode_masks",
+    "instances_to_coco_results",
     "mask_iou",
     "paint_by_score",
     "paint_by_score_rles",

@@ -208,7 +208,8 @@ def decode_centers(
 
     Returns:
         logits (B, K) of the peaks, sorted descending (non-peaks fill the tail with -inf);
-        classes (B, K) int64; boxes (B, K, 4) XYXY in network-input pixels.
+        classes (B, K) int64; boxes (B, K, 4) XYXY and keypoints (B, K, 2) (x, y), both in
+        network-input pixels.
     """
     num_images, num_classes, height, width = heatmap_logits.shape
     # Peaks are found on logits: sigmoid is monotonic, and its saturation at 1.0 would tie
@@ -228,7 +229,7 @@ def decode_centers(
     else:
         low, high = sizes_at[:, :2], sizes_at[:, 2:]
     boxes = torch.cat([centers - low, centers + high], dim=1) * stride
-    return logits, classes, boxes.transpose(1, 2)
+    return logits, classes, boxes.transpose(1, 2), (centers * stride).transpose(1, 2)
 
 
 def _two_conv_head(
@@ -370,7 +371,8 @@ class CenterKeypointProposalGenerator(nn.Module):
 
         Returns:
             proposals: per image, Instances with ``proposal_boxes``, ``objectness_logits``
-                (logit of the center score) and ``pred_classes``, sorted by score.
+                (logit of the center score), ``pred_classes`` and ``proposal_keypoints`` (x, y)
+                (the detected keypoints in network-input pixels), sorted by score.
             losses: {"loss_heatmap", "loss_wh", "loss_offset"} in training, else {}.
         """
         heatmap_logits, wh, offset = self.predict_maps(features[self.in_feature])
@@ -456,7 +458,9 @@ class CenterKeypointProposalGenerator(nn.Module):
         """Proposals whose center score exceeds ``score_thresh``, boxes clipped to each image."""
         if self.log_wh:
             wh = wh.float().exp()
-        logits, classes, boxes = decode_centers(heatmap_logits, wh, offset, self.stride, self.topk)
+        logits, classes, boxes, keypoints = decode_centers(
+            heatmap_logits, wh, offset, self.stride, self.topk
+        )
         keep = logits.sigmoid() > self.score_thresh
         proposals = []
         for i, image_size in enumerate(image_sizes):
@@ -466,5 +470,6 @@ class CenterKeypointProposalGenerator(nn.Module):
             instances.proposal_boxes = image_boxes
             instances.objectness_logits = logits[i][keep[i]]
             instances.pred_classes = classes[i][keep[i]]
+            instances.proposal_keypoints = keypoints[i][keep[i]]
             proposals.append(instances)
         return proposals

@@ -405,6 +405,25 @@ def _count_in_windows(
     return counts
 
 
+def _overlapping_pairs(boxes: torch.Tensor, max_block_pairs: int = 1 << 20) -> torch.Tensor:
+    """(P, 2) int64 pairs (i, j), i < j, of the (N, 4) integer XYXY boxes that overlap, sorted
+    by i then j; compared a block of at most ``max_block_pairs`` pairs at a time."""
+    num = boxes.shape[0]
+    rows = max(1, max_block_pairs // max(num, 1))
+    pairs = [boxes.new_zeros((0, 2))]
+    for start in range(0, num, rows):
+        block = boxes[start : start + rows]
+        lo = torch.maximum(block[:, None, :2], boxes[None, :, :2])
+        hi = torch.minimum(block[:, None, 2:], boxes[None, :, 2:])
+        later = (
+            torch.arange(num, device=boxes.device)
+            > torch.arange(start, start + len(block), device=boxes.device)[:, None]
+        )
+        found = torch.nonzero((hi > lo).all(dim=2) & later)
+        pairs.append(found + found.new_tensor([start, 0]))
+    return torch.cat(pairs)
+
+
 def mask_nms(
     masks: MaskWindows,
     scores: torch.Tensor,
@@ -435,29 +454,20 @@ def mask_nms(
     order = nonempty[torch.sort(scores[nonempty], descending=True, stable=True).indices]
     boxes = boxes[order]
     areas = _count_in_windows(masks, order, None, boxes[:, :2], boxes[:, 2:], max_chunk_elements)
-    # pairs (i < j in score order) whose boxes overlap, and the overlaps
-    lo = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    hi = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    num = order.shape[0]
-    upper = torch.ones(num, num, dtype=torch.bool, device=device).triu(1)
-    pairs = torch.nonzero((hi > lo).all(dim=2) & upper)
-    lo, hi = lo[pairs[:, 0], pairs[:, 1]], hi[pairs[:, 0], pairs[:, 1]]
+    pairs = _overlapping_pairs(boxes)
+    lo = torch.maximum(boxes[pairs[:, 0], :2], boxes[pairs[:, 1], :2])
+    hi = torch.minimum(boxes[pairs[:, 0], 2:], boxes[pairs[:, 1], 2:])
     inter = _count_in_windows(
         masks, order[pairs[:, 0]], order[pairs[:, 1]], lo, hi, max_chunk_elements
     )
     iou = inter.double() / (areas[pairs[:, 0]] + areas[pairs[:, 1]] - inter).double()
+    # suppressions (i, j), i < j in score order, grouped by i
     suppressing = pairs[iou > iou_threshold].cpu().numpy()
-    # suppression graph in score order: row i marks the later masks that kept mask i removes
-    graph = np.zeros((num, num), dtype=bool)
-    graph[suppressing[:, 0], suppressing[:, 1]] = True
-    removed = np.zeros(num, dtype=bool)
+    first = np.searchsorted(suppressing[:, 0], np.arange(len(order) + 1))
+    removed = np.zeros(len(order), dtype=bool)
     kept = []
-    current = 0
-    while True:  # one iteration per kept mask
-        kept.append(current)
-        removed |= graph[current]
-        later = np.flatnonzero(~removed[current + 1 :])
-        if later.size == 0:
-            break
-        current += 1 + int(later[0])
+    for i in range(len(order)):
+        if not removed[i]:
+            kept.append(i)
+            removed[suppressing[first[i] : first[i + 1], 1]] = True
     return order[torch.as_tensor(kept, dtype=torch.long, device=device)]

@@ -2,7 +2,8 @@
 
 Detectron2's ``GeneralizedRCNN`` cannot be reused because its ``detector_postprocess`` treats
 ``pred_masks`` as box-relative M x M masks; the ROI heads here paste the masks themselves,
-directly at the original image resolution, each in the window of its tight box.
+directly at the original image resolution, each in the window of its tight box. Network inputs
+larger than the tile size are segmented tile by tile (:mod:`.tiling`).
 """
 
 from collections.abc import Sequence
@@ -16,8 +17,11 @@ from detectron2.modeling import (
     build_proposal_generator,
     build_roi_heads,
 )
-from detectron2.structures import ImageList
+from detectron2.structures import ImageList, Instances
 from torch import nn
+from tqdm import tqdm
+
+from .tiling import tile_grid
 
 __all__ = ["ObjGuidedSegmentor"]
 
@@ -38,6 +42,8 @@ class ObjGuidedSegmentor(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         input_format: str | None = None,
+        tile_size: int = 512,
+        tile_overlap: int = 128,
     ):
         """
         Args:
@@ -49,6 +55,8 @@ class ObjGuidedSegmentor(nn.Module):
                 number of image channels the model takes.
             input_format: channel order of the input images (e.g. "BGR"), for tools that feed
                 or draw them.
+            tile_size, tile_overlap: inputs with a side above ``tile_size`` are segmented in
+                tiles of that side, neighbours overlapping by ``tile_overlap`` pixels.
         """
         super().__init__()
         self.backbone = backbone
@@ -61,10 +69,19 @@ class ObjGuidedSegmentor(nn.Module):
             )
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        if not 0 <= tile_overlap < tile_size:
+            raise ValueError(
+                f"MODEL.OBJGUIDED.TILE_OVERLAP ({tile_overlap}) must be below the tile size "
+                f"({tile_size}: MODEL.OBJGUIDED.TILE_SIZE, else the test image size)"
+            )
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
 
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
+        og = cfg.MODEL.OBJGUIDED
+        tile_size = og.TILE_SIZE or cfg.INPUT.TEST_IMAGE_SIZE or cfg.INPUT.IMAGE_SIZE
         return {
             "backbone": backbone,
             "proposal_generator": build_proposal_generator(cfg, backbone.output_shape()),
@@ -72,6 +89,8 @@ class ObjGuidedSegmentor(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
+            "tile_size": tile_size,
+            "tile_overlap": og.TILE_OVERLAP or tile_size // 4,
         }
 
     @property
@@ -110,19 +129,66 @@ class ObjGuidedSegmentor(nn.Module):
             :class:`.mask_windows.MaskWindows`), pred_boxes, scores, pred_classes.
         """
         assert not self.training
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        proposals, _ = self.proposal_generator(images, features)
-        output_sizes = images.image_sizes
-        if do_postprocess:
-            output_sizes = [
-                _original_size(x, image_size)
-                for x, image_size in zip(batched_inputs, images.image_sizes)
-            ]
-        results, _ = self.roi_heads(images, features, proposals, output_sizes=output_sizes)
+        input_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        output_sizes = [
+            _original_size(x, hw) if do_postprocess else hw
+            for x, hw in zip(batched_inputs, input_sizes)
+        ]
+        tiled = [max(hw) > self.tile_size for hw in input_sizes]
+        whole = [i for i, is_tiled in enumerate(tiled) if not is_tiled]
+        results = dict(
+            zip(
+                whole,
+                self.predict_whole(
+                    [batched_inputs[i] for i in whole], [output_sizes[i] for i in whole]
+                ),
+            )
+        )
+        for i in (i for i, is_tiled in enumerate(tiled) if is_tiled):
+            results[i] = self.predict_tiled(batched_inputs[i], output_sizes[i])
+        results = [results[i] for i in range(len(batched_inputs))]
         if do_postprocess:
             return [{"instances": r} for r in results]
         return results
+
+    def predict_whole(
+        self, batched_inputs: list[dict], output_sizes: list[tuple[int, int]]
+    ) -> list[Instances]:
+        """Predictions of whole network inputs, batched, at ``output_sizes``."""
+        if not batched_inputs:
+            return []
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        proposals, _ = self.proposal_generator(images, features)
+        results, _ = self.roi_heads(images, features, proposals, output_sizes=output_sizes)
+        return results
+
+    def predict_tiled(self, batched_input: dict, output_size: tuple[int, int]) -> Instances:
+        """Predictions of one network input, tile by tile (:func:`.tiling.tile_grid`), at
+        ``output_size``: each tile keeps the objects whose keypoint lies in its core and pastes
+        their masks into the whole image; mask NMS then runs across the tiles."""
+        image = batched_input["image"]
+        height, width = image.shape[-2:]
+        tiles = tile_grid(height, width, self.tile_size, self.tile_overlap)
+        parts = []
+        name = batched_input.get("file_name", "")
+        for tile in tqdm(tiles, desc=f"tiles of {name}", unit="tile", leave=False, disable=None):
+            crop = {**batched_input, "image": image[:, tile.y0 : tile.y1, tile.x0 : tile.x1]}
+            images = self.preprocess_image([crop])
+            features = self.backbone(images.tensor)
+            (proposals,), _ = self.proposal_generator(images, features)
+            keypoints = proposals.proposal_keypoints + proposals.proposal_keypoints.new_tensor(
+                [tile.x0, tile.y0]
+            )
+            (instances,), _ = self.roi_heads(
+                images,
+                features,
+                [proposals[tile.holds(keypoints)]],
+                output_sizes=[output_size],
+                placements=[tile.placement((height, width))],
+            )
+            parts.append(instances)
+        return self.roi_heads.merge_tiles(parts)
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Normalize, replicate a single-channel image to the model's channels, pad and batch

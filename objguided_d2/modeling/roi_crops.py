@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -88,6 +88,11 @@ class RoiPyramid:
             num_levels=self.num_levels[index],
             strides=self.strides,
         )
+
+    def translated(self, offsets: torch.Tensor) -> RoiPyramid:
+        """The same grids moved by (R, 2) (dx, dy) input pixels (e.g. from a tile into its
+        image)."""
+        return replace(self, centers=self.centers + offsets.to(self.centers.dtype))
 
     def positions(
         self, level: int, pad_hw: Sequence[int]

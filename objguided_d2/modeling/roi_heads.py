@@ -42,6 +42,7 @@ from .roi_crops import (
     jitter_boxes,
     valid_mask,
 )
+from .tiling import Placement
 
 __all__ = ["GroupOutput", "ObjGuidedROIHeads"]
 
@@ -242,6 +243,7 @@ class ObjGuidedROIHeads(nn.Module):
         proposals: list[Instances],
         targets: list[Instances] | None = None,
         output_sizes: Sequence[tuple[int, int]] | None = None,
+        placements: Sequence[Placement] | None = None,
     ) -> tuple[list[Instances], dict[str, torch.Tensor]]:
         """
         Args:
@@ -253,6 +255,9 @@ class ObjGuidedROIHeads(nn.Module):
                 size); required in training.
             output_sizes: per image, the (height, width) to predict at; boxes and masks are
                 scaled per axis from ``images.image_sizes[i]``.
+            placements: per image, where it lies in a larger image it is a tile of: the
+                predictions are then that image's, scaled from its ``image_hw`` to
+                ``output_sizes[i]``. Default: every input is its own image.
         """
         if self.training:
             if targets is None:
@@ -260,7 +265,9 @@ class ObjGuidedROIHeads(nn.Module):
             return proposals, self.losses(images, features, targets)
         if output_sizes is None:
             output_sizes = images.image_sizes
-        return self.predict(images, features, proposals, output_sizes), {}
+        if placements is None:
+            placements = [Placement((0, 0), tuple(hw)) for hw in images.image_sizes]
+        return self.predict(images, features, proposals, output_sizes, placements), {}
 
     # ---------------------------------------------------------------------------------------
     # The mask branch on ROI groups
@@ -505,10 +512,11 @@ class ObjGuidedROIHeads(nn.Module):
         features: dict[str, torch.Tensor],
         proposals: list[Instances],
         output_sizes: Sequence[tuple[int, int]],
+        placements: Sequence[Placement],
     ) -> list[Instances]:
-        """Masks of the proposals, pasted at ``output_sizes``, mask-NMSed and capped; each
-        image's ``pred_masks`` are :class:`.mask_windows.MaskWindows` of the kept masks' tight
-        boxes."""
+        """Masks of the proposals, pasted at ``output_sizes`` of the images the inputs are
+        placed in, mask-NMSed and capped; each image's ``pred_masks`` are
+        :class:`.mask_windows.MaskWindows` of the kept masks' tight boxes."""
         boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
         scores = torch.cat([p.objectness_logits.sigmoid() for p in proposals])
         classes = torch.cat([p.pred_classes for p in proposals])
@@ -516,21 +524,30 @@ class ObjGuidedROIHeads(nn.Module):
         # branch's thousands of small operations. Its tensors stay inside: the returned fields
         # are ordinary tensors, which callers may modify in place.
         with torch.inference_mode(not torch.is_grad_enabled()):
-            kept_masks = self._kept_masks(images, features, proposals, boxes, scores, output_sizes)
+            kept_masks = self._kept_masks(
+                images, features, proposals, boxes, scores, output_sizes, placements
+            )
         results = []
-        for input_hw, output_hw, (kept, windows, keep) in zip(
-            images.image_sizes, output_sizes, kept_masks
+        for placement, output_hw, (kept, windows, keep) in zip(
+            placements, output_sizes, kept_masks
         ):
-            scale = boxes.new_tensor(
-                [output_hw[1] / input_hw[1], output_hw[0] / input_hw[0]]
-            ).repeat(2)
+            (y0, x0), (height, width) = placement
+            origin = boxes.new_tensor([x0, y0]).repeat(2)
+            scale = boxes.new_tensor([output_hw[1] / width, output_hw[0] / height]).repeat(2)
             instances = Instances(tuple(output_hw))
-            instances.pred_boxes = Boxes(boxes[kept] * scale)
+            instances.pred_boxes = Boxes((boxes[kept] + origin) * scale)
             instances.scores = scores[kept]
             instances.pred_classes = classes[kept]
             instances.pred_masks = windows.tight(keep)
             results.append(instances)
         return results
+
+    def merge_tiles(self, parts: Sequence[Instances]) -> Instances:
+        """One image's predictions from those of its tiles (:meth:`predict` with placements):
+        mask NMS across them, so that an object detected twice, with keypoints in the cores of
+        two tiles, is kept once."""
+        merged = Instances.cat(list(parts))
+        return merged[mask_nms(merged.pred_masks, merged.scores, self.mask_nms_thresh)]
 
     def _kept_masks(
         self,
@@ -540,6 +557,7 @@ class ObjGuidedROIHeads(nn.Module):
         boxes: torch.Tensor,
         scores: torch.Tensor,
         output_sizes: Sequence[tuple[int, int]],
+        placements: Sequence[Placement],
     ) -> list[tuple[torch.Tensor, MaskWindows, torch.Tensor]]:
         """Per image: the kept ROIs ((K,) int64 indices into ``boxes``), the pasted masks'
         windows of all its ROIs and which of them are kept ((K,) int64)."""
@@ -552,6 +570,9 @@ class ObjGuidedROIHeads(nn.Module):
         pyramid = self.build_pyramid(boxes)
         groups = self.group(pyramid)
         level_maps = self.level_maps(images, features)
+        # the ROIs in the images the inputs are placed in, where their masks are pasted
+        origins = boxes.new_tensor([p.origin[::-1] for p in placements], dtype=torch.float64)
+        placed = pyramid.translated(origins.view(-1, 2)[batch_index])
         # per image, its ROIs and their masks' windows, group by group
         image_rois = [[] for _ in images.image_sizes]
         image_windows = [[] for _ in images.image_sizes]
@@ -567,8 +588,8 @@ class ObjGuidedROIHeads(nn.Module):
                     image_windows[image_index].append(
                         paste_mask_windows(
                             out.logits[mine].sigmoid(),
-                            pyramid[indices],
-                            images.image_sizes[image_index],
+                            placed[indices],
+                            placements[image_index].image_hw,
                             output_sizes[image_index],
                             threshold=self.mask_thresh_test,
                             normalize=self.paste_normalized,
