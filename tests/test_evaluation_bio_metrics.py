@@ -167,7 +167,7 @@ def test_painting_matches_a_pixel_by_pixel_reference():
         mask[y0 : y0 + h, x0 : x0 + w] = True
     scores = torch.randint(0, 5, (40,), generator=generator).float()
 
-    reference = torch.full((30, 40), -1)
+    reference = torch.full((30, 40), -1, dtype=torch.int32)
     for y in range(30):
         for x in range(40):
             covering = [i for i in range(40) if masks[i, y, x]]

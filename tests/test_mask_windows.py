@@ -9,9 +9,9 @@ from detectron2.structures import BitMasks, Instances
 
 from objguided_d2.modeling.mask_windows import (
     MaskWindows,
-    _overlapping_pairs,
     mask_nms,
     mask_to_boxes,
+    overlapping_box_pairs,
     paste_mask_windows,
 )
 from objguided_d2.modeling.roi_crops import build_roi_pyramid, crop_masks
@@ -236,7 +236,7 @@ def test_mask_nms_matches_brute_force_on_random_overlaps():
     assert mask_nms(windows, scores, 0.3, max_chunk_elements=500).tolist() == expected
 
 
-def test_overlapping_pairs_block_by_block_are_all_overlapping_pairs():
+def testoverlapping_box_pairs_block_by_block_are_alloverlapping_box_pairs():
     generator = torch.Generator().manual_seed(3)
     corners = torch.randint(0, 200, (300, 2), generator=generator)
     boxes = torch.cat([corners, corners + torch.randint(1, 30, (300, 2), generator=generator)], 1)
@@ -244,7 +244,7 @@ def test_overlapping_pairs_block_by_block_are_all_overlapping_pairs():
     hi = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
     expected = torch.nonzero((hi > lo).all(dim=2).triu(1))
     for block in (1, 299, 1000, 1 << 20):
-        assert torch.equal(_overlapping_pairs(boxes, max_block_pairs=block), expected)
+        assert torch.equal(overlapping_box_pairs(boxes, max_block_pairs=block), expected)
 
 
 def _random_windows(masks, generator):

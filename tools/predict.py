@@ -274,6 +274,7 @@ def predict_share(
             continue
         with torch.inference_mode():
             instances = model([inputs])[0]["instances"].to("cpu")
+        del inputs  # the network input, as large as the image, is not needed for the outputs
         instances = instances[instances.scores >= args.score_threshold]
         label_image, labels = instances_to_label_image(instances)
         write_label_tiff(labels_path, label_image)

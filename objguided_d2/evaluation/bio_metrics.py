@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..modeling.mask_windows import MaskWindows
+from ..modeling.mask_windows import MaskWindows, overlapping_box_pairs
 from .matching import (
     encode_masks,
     encode_window,
@@ -60,7 +60,7 @@ def _painted_windows(masks: torch.Tensor, scores: torch.Tensor, rles: list[dict]
     """Score-ordered painting, one mask at a time inside its tight box.
 
     A mask keeps the pixels that no higher-scored mask covers, so only the higher-scored masks
-    that overlap it (IoU > 0 on the RLEs) are consulted, and only inside its box.
+    whose boxes overlap its box are consulted, and only inside its box.
 
     Args:
         masks: bool (N, H, W) or N masks' windows; scores: (N,), ties go to the lower index;
@@ -71,17 +71,25 @@ def _painted_windows(masks: torch.Tensor, scores: torch.Tensor, rles: list[dict]
         bool crop of the painted mask in that box, whether painting removed anything).
     """
     boxes = rle_boxes(rles).astype(np.int64)
-    overlaps = mask_iou(rles, rles) > 0
+    # each mask's box-overlapping neighbours, grouped by mask (no N x N matrix: N may be 10^4)
+    pairs = overlapping_box_pairs(torch.from_numpy(boxes)).numpy()
+    pairs = np.concatenate([pairs, pairs[:, ::-1]])
+    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    first = np.searchsorted(pairs[:, 0], np.arange(len(rles) + 1))
     painted = np.zeros(len(rles), dtype=bool)
     for i in np.argsort(-scores.detach().cpu().numpy(), kind="stable").tolist():
         x0, y0, x1, y1 = boxes[i]
         window = (slice(y0, y1), slice(x0, x1))
         crop = _box_crops(masks, [i], y0, x0, y1, x1)[0]
-        above = np.flatnonzero(overlaps[i] & painted)
+        above = pairs[first[i] : first[i + 1], 1]
+        above = above[painted[above]]
+        removed = False
         if len(above):
-            crop = crop & ~_box_crops(masks, above, y0, x0, y1, x1).any(dim=0)
+            covered = _box_crops(masks, above, y0, x0, y1, x1).any(dim=0)
+            removed = bool((crop & covered).any())
+            crop = crop & ~covered
         painted[i] = True
-        yield i, window, crop, len(above) > 0
+        yield i, window, crop, removed
 
 
 def _box_crops(masks, indices, y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
@@ -100,9 +108,9 @@ def paint_by_score(masks: torch.Tensor | MaskWindows, scores: torch.Tensor) -> t
         scores: (N,); ties go to the lower index.
 
     Returns:
-        int64 (H, W): the index of the owning mask, -1 where no mask covers the pixel.
+        int32 (H, W): the index of the owning mask, -1 where no mask covers the pixel.
     """
-    labels = torch.full(masks.shape[1:], -1, dtype=torch.int64, device=masks.device)
+    labels = torch.full(masks.shape[1:], -1, dtype=torch.int32, device=masks.device)
     for i, window, crop, _ in _painted_windows(masks, scores, encode_masks(masks)):
         labels[window][crop] = i
     return labels

@@ -20,7 +20,13 @@ import torch
 from .bilinear import linear_taps, tap_matrix
 from .roi_crops import RoiPyramid
 
-__all__ = ["MaskWindows", "mask_nms", "mask_to_boxes", "paste_mask_windows"]
+__all__ = [
+    "MaskWindows",
+    "mask_nms",
+    "mask_to_boxes",
+    "overlapping_box_pairs",
+    "paste_mask_windows",
+]
 
 
 @dataclass
@@ -405,7 +411,7 @@ def _count_in_windows(
     return counts
 
 
-def _overlapping_pairs(boxes: torch.Tensor, max_block_pairs: int = 1 << 20) -> torch.Tensor:
+def overlapping_box_pairs(boxes: torch.Tensor, max_block_pairs: int = 1 << 20) -> torch.Tensor:
     """(P, 2) int64 pairs (i, j), i < j, of the (N, 4) integer XYXY boxes that overlap, sorted
     by i then j; compared a block of at most ``max_block_pairs`` pairs at a time."""
     num = boxes.shape[0]
@@ -454,7 +460,7 @@ def mask_nms(
     order = nonempty[torch.sort(scores[nonempty], descending=True, stable=True).indices]
     boxes = boxes[order]
     areas = _count_in_windows(masks, order, None, boxes[:, :2], boxes[:, 2:], max_chunk_elements)
-    pairs = _overlapping_pairs(boxes)
+    pairs = overlapping_box_pairs(boxes)
     lo = torch.maximum(boxes[pairs[:, 0], :2], boxes[pairs[:, 1], :2])
     hi = torch.minimum(boxes[pairs[:, 0], 2:], boxes[pairs[:, 1], 2:])
     inter = _count_in_windows(
