@@ -112,7 +112,7 @@ def predict(image_path: Path, weights: Path, output: Path, threads: int, overrid
 
 def _shown(path: Path) -> str:
     """``path`` relative to the repository where it is inside it."""
-    path = path.resolve()
+    path = Path(os.path.abspath(path))  # as given: links not followed
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
