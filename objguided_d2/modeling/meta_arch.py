@@ -134,19 +134,17 @@ class ObjGuidedSegmentor(nn.Module):
             _original_size(x, hw) if do_postprocess else hw
             for x, hw in zip(batched_inputs, input_sizes)
         ]
-        tiled = [max(hw) > self.tile_size for hw in input_sizes]
-        whole = [i for i, is_tiled in enumerate(tiled) if not is_tiled]
-        results = dict(
-            zip(
-                whole,
-                self.predict_whole(
-                    [batched_inputs[i] for i in whole], [output_sizes[i] for i in whole]
-                ),
-            )
+        # inputs that fit a tile run batched, the others one at a time in tiles
+        whole = [i for i, hw in enumerate(input_sizes) if max(hw) <= self.tile_size]
+        batched = self.predict_whole(
+            [batched_inputs[i] for i in whole], [output_sizes[i] for i in whole]
         )
-        for i in (i for i, is_tiled in enumerate(tiled) if is_tiled):
-            results[i] = self.predict_tiled(batched_inputs[i], output_sizes[i])
-        results = [results[i] for i in range(len(batched_inputs))]
+        results = [None] * len(batched_inputs)
+        for i, instances in zip(whole, batched):
+            results[i] = instances
+        for i, x in enumerate(batched_inputs):
+            if results[i] is None:
+                results[i] = self.predict_tiled(x, output_sizes[i])
         if do_postprocess:
             return [{"instances": r} for r in results]
         return results
