@@ -70,6 +70,10 @@ def add_objguided_config(cfg: CN) -> None:
     _C.IMAGE_CONV_CHANNELS = 64      # channels of the stride-1 level
     _C.INSTANCE_NORM_AFFINE = False  # learnable gamma/eta of Eq. 6 (paper) or none (authors)
     _C.MASK_LOSS_WEIGHT = 2.0        # BCE on soft ROI masks; authors' weight
+    # Weight of a soft Dice loss (1 - Dice of each ROI's probabilities with its soft ground truth)
+    # added to the mask BCE; 0: BCE alone (paper and authors). Dice is not swamped by the
+    # background of a box that a thin object fills a few per cent of.
+    _C.MASK_DICE_WEIGHT = 0.0
     _C.MASK_THRESH_TEST = 0.53       # threshold of the pasted-back masks (authors' default)
     # Paste-back: True, each pixel is the weighted mean of the ROI samples splatted onto it, the
     # canvas resized bilinearly to the original size; False, the authors' sum of the splatted
@@ -195,6 +199,7 @@ _VALID_VALUES = {
     "MODEL.OBJGUIDED.BOX_ENLARGE_TEST": (_non_negative, "a positive factor, or 0 for BOX_ENLARGE"),
     "MODEL.OBJGUIDED.TRAIN_BOX_JITTER": (lambda j: 0 <= j < 1, "a fraction in [0, 1)"),
     "MODEL.OBJGUIDED.MIN_ROI_SIZE": (_positive, "a positive size in level cells"),
+    "MODEL.OBJGUIDED.MASK_DICE_WEIGHT": (_non_negative, "a weight, 0 or more"),
     "MODEL.OBJGUIDED.MASK_THRESH_TEST": (_fraction, "a probability in [0, 1]"),
     "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),
     "MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE": (_non_negative, "a count, or 0 for all"),

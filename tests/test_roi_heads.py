@@ -296,6 +296,47 @@ def test_losses_average_per_roi_with_their_weights():
     assert losses["loss_refine"].item() == pytest.approx(3.0 * (softplus(-b) + 2 * softplus(b)) / 3)
 
 
+def test_soft_dice_loss_ignores_invalid_pixels_and_counts_thin_objects_fully():
+    """0 for a confident exact prediction, 1 - 1 / (F + 1) for an all-background prediction of F
+    foreground pixels, whatever lies outside the valid region; a 1-px line missed in a large
+    box costs about as much as a missed blob (BCE's mean would be tiny)."""
+    gt = torch.zeros(2, 1, 40, 40)
+    gt[0, 0, 10:20, 10:20] = 1  # a blob of 100 px
+    gt[1, 0, 20, 5:35] = 1  # a 1-px line of 30 px
+    valid = torch.zeros(2, 1, 40, 40)
+    valid[..., :30, :] = 1
+    gt[..., 30:, :] = 1  # outside the valid region: ignored
+    exact = torch.where(gt > 0, 30.0, -30.0)
+    assert roi_heads_module.soft_dice_loss(exact, gt, valid) == pytest.approx([0, 0], abs=1e-6)
+    missed = torch.full_like(gt, -30.0)
+    missed[..., 30:, :] = 30.0  # confident outside the valid region: ignored
+    losses = roi_heads_module.soft_dice_loss(missed, gt, valid)
+    assert losses.tolist() == pytest.approx([1 - 1 / 101, 1 - 1 / 31], abs=1e-6)
+
+
+def test_dice_weight_adds_the_weighted_mean_soft_dice_to_the_mask_loss():
+    """All-background predictions (logit -30) of ROI A (soft GT all ones) and B, C (all zeros):
+    Dice losses about 1, 0, 0, so the mask loss grows by weight * dice_weight / 3."""
+    images, features = make_inputs()
+    target = Instances(IMAGE_SIZES[0])
+    target.gt_boxes = Boxes(
+        torch.tensor([[20.0, 20.0, 60.0, 50.0], [70, 10, 80, 30], [5, 70, 25, 76]])
+    )
+    masks = torch.zeros(3, *IMAGE_SIZES[0], dtype=torch.bool)
+    masks[0] = True
+    target.gt_masks = BitMasks(masks)
+    mask_losses = []
+    for dice_weight in (0.0, 1.5):
+        torch.manual_seed(0)
+        heads = make_heads(mask_loss_weight=2.0, mask_dice_weight=dice_weight).train()
+        with torch.no_grad():
+            heads.seg_predictor.weight.zero_()
+            heads.seg_predictor.bias.fill_(-30.0)
+        _, losses = heads(images, features, [], [target])
+        mask_losses.append(losses["loss_mask"].item())
+    assert mask_losses[1] - mask_losses[0] == pytest.approx(2.0 * 1.5 / 3, rel=1e-2)
+
+
 def empty_target(image_size):
     target = Instances(image_size)
     target.gt_boxes = Boxes(torch.zeros(0, 4))

@@ -97,6 +97,7 @@ class ObjGuidedROIHeads(nn.Module):
         train_box_jitter: float = 0.0,
         min_roi_size: float = 2.0,
         mask_loss_weight: float = 2.0,
+        mask_dice_weight: float = 0.0,
         mask_thresh_test: float = 0.53,
         paste_normalized: bool = True,
         mask_nms_thresh: float = 0.2,
@@ -130,6 +131,8 @@ class ObjGuidedROIHeads(nn.Module):
                 (see :func:`.roi_crops.jitter_boxes`).
             min_roi_size: levels stop at the first whose ROI side is below this.
             mask_loss_weight: weight of the mask BCE.
+            mask_dice_weight: weight of a soft Dice loss added to the mask BCE (0: none, as the
+                paper).
             mask_thresh_test: pasted value at or above which a pixel is foreground.
             paste_normalized: paste the masks back as the weighted mean of their samples, resized
                 bilinearly, or as the authors' summed votes, resized by nearest neighbour (see
@@ -166,6 +169,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.train_box_jitter = train_box_jitter
         self.min_roi_size = min_roi_size
         self.mask_loss_weight = mask_loss_weight
+        self.mask_dice_weight = mask_dice_weight
         self.mask_thresh_test = mask_thresh_test
         self.paste_normalized = paste_normalized
         self.mask_nms_thresh = mask_nms_thresh
@@ -223,6 +227,7 @@ class ObjGuidedROIHeads(nn.Module):
             "train_box_jitter": og.TRAIN_BOX_JITTER,
             "min_roi_size": og.MIN_ROI_SIZE,
             "mask_loss_weight": og.MASK_LOSS_WEIGHT,
+            "mask_dice_weight": og.MASK_DICE_WEIGHT,
             "mask_thresh_test": og.MASK_THRESH_TEST,
             "paste_normalized": og.PASTE_NORMALIZED,
             "mask_nms_thresh": og.MASK_NMS_THRESH,
@@ -419,8 +424,9 @@ class ObjGuidedROIHeads(nn.Module):
         """Mask BCE on the ground-truth boxes and, with refinement, the point-head BCE.
 
         ``loss_mask`` = weight * mean over ROIs of each ROI's mean BCE against its soft (bilinearly
-        cropped) ground truth; ``loss_refine`` = weight * mean over ROIs and point heads of the
-        mean BCE at the sampled points (authors' averaging).
+        cropped) ground truth plus ``mask_dice_weight`` * its soft Dice loss; ``loss_refine`` =
+        weight * mean over ROIs and point heads of the mean BCE at the sampled points (authors'
+        averaging).
         """
         boxes, batch_index, gt_masks = self._training_rois(targets, images.tensor.shape[-2:])
         pyramid = self.build_pyramid(boxes)
@@ -433,7 +439,10 @@ class ObjGuidedROIHeads(nn.Module):
             gt = crop_masks(gt_masks, pyramid[group.indices], group.pad_hw[0], group.indices)
             valid0 = valid_mask(out.valid_hw[:, 0], gt.shape[-2:]).to(gt.dtype)
             bce = F.binary_cross_entropy_with_logits(out.logits, gt, reduction="none")
-            mask_losses.append((bce * valid0).sum(dim=(1, 2, 3)) / valid0.sum(dim=(1, 2, 3)))
+            loss = (bce * valid0).sum(dim=(1, 2, 3)) / valid0.sum(dim=(1, 2, 3))
+            if self.mask_dice_weight > 0:
+                loss = loss + self.mask_dice_weight * soft_dice_loss(out.logits, gt, valid0)
+            mask_losses.append(loss)
             if self.refine_enabled:
                 refine_losses.extend(self._refine_losses(out, gt))
 
@@ -620,6 +629,17 @@ def _group_chunks(groups: Sequence[RoiGroup], max_pixels: int) -> list[list[RoiG
         chunks[-1].append(group)
         pixels += size
     return chunks
+
+
+def soft_dice_loss(logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice of each ROI's probabilities with its ground truth, over its valid pixels: (G,)
+    from (G, 1, H, W) logits, soft targets and 0/1 validity. The +1 smoothing gives an ROI
+    without foreground a loss that falls to 0 as its probabilities do."""
+    prob = logits.sigmoid() * valid
+    gt = gt * valid
+    overlap = (prob * gt).sum(dim=(1, 2, 3))
+    total = prob.sum(dim=(1, 2, 3)) + gt.sum(dim=(1, 2, 3))
+    return 1 - (2 * overlap + 1) / (total + 1)
 
 
 def _mean(values: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
