@@ -9,7 +9,9 @@ objects whose center the heatmap finds (center recall), how the sizes of the det
 match an object (box IoU > 0.5) compare with the object's, in all and per object size, and the
 share of objects whose box centre lies on the object (see
 :mod:`objguided_d2.evaluation.detector_diagnostics`). A detection counts from
-``--score-thresh`` (default: the model's MODEL.OBJGUIDED.SCORE_THRESH_TEST).
+``--score-thresh`` (default: the model's MODEL.OBJGUIDED.SCORE_THRESH_TEST). With
+``--masks-on-true-boxes``, also the mask branch alone: the IoU of each object's mask predicted
+from its ground-truth box with its true mask.
 """
 
 import argparse
@@ -20,7 +22,7 @@ from detectron2.modeling import build_model
 
 from objguided_d2.data import BioDatasetMapper
 from objguided_d2.engine import load_config, load_trained_weights_or_exit
-from objguided_d2.evaluation import diagnose_detector
+from objguided_d2.evaluation import diagnose_detector, masks_on_true_boxes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", required=True, help="checkpoint to load")
     parser.add_argument("--dataset", required=True, help="a registered dataset with annotations")
     parser.add_argument("--score-thresh", type=float, default=None, help="detection threshold")
+    parser.add_argument(
+        "--masks-on-true-boxes",
+        action="store_true",
+        help="also measure the mask branch on the ground-truth boxes",
+    )
     parser.add_argument("--output", default=None, help="JSON file for the summary")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser.parse_args(argv)
@@ -56,17 +63,34 @@ def main(argv=None) -> dict:
         f"center recall {summary['center_recall']:.3f}; box centre on the object for "
         f"{summary['box_center_on_object']:.3f} of the objects"
     )
-    print("object size (px) | objects | center recall | matched | median pred/true width | height")
-    for row in [{"size": ("all", ""), **summary}] + summary["by_size"]:
-        lo, hi = row["size"]
-        print(
-            f"{lo}-{hi} | {row['objects']} | {row['center_recall']:.3f} | {row['matched']} | "
-            f"{row['median_width_ratio']:.3f} | {row['median_height_ratio']:.3f}"
-        )
+    print_by_size(
+        summary,
+        {"objects": "objects", "center_recall": "center recall", "matched": "matched",
+         "median_width_ratio": "median pred/true width", "median_height_ratio": "height"},
+    )  # fmt: skip
+    if args.masks_on_true_boxes:
+        masks = masks_on_true_boxes(model, ((r, mapper(r)) for r in records))
+        summary["masks_on_true_boxes"] = masks
+        print("masks predicted from the ground-truth boxes: IoU with the true masks")
+        print_by_size(
+            masks,
+            {"objects": "objects", "mean_iou": "mean IoU", "iou_0.5": "IoU >= 0.5",
+             "iou_0.75": "IoU >= 0.75"},
+        )  # fmt: skip
     if args.output:
         with open(args.output, "w") as f:
             json.dump(summary, f, indent=2, default=str)
     return summary
+
+
+def print_by_size(summary: dict, columns: dict[str, str]) -> None:
+    """One row for all objects and one per size bin of ``summary``: ``columns`` maps its keys to
+    their titles; counts print as they are, fractions with three decimals."""
+    print(" | ".join(["object size (px)", *columns.values()]))
+    for row in [{"size": ("all", ""), **summary}] + summary["by_size"]:
+        lo, hi = row["size"]
+        cells = [v if isinstance(v, int) else f"{v:.3f}" for v in map(row.get, columns)]
+        print(" | ".join([f"{lo}-{hi}", *map(str, cells)]))
 
 
 if __name__ == "__main__":

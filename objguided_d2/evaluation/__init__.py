@@ -7,7 +7,7 @@ Not imported by ``import objguided_d2``; ``from objguided_d2.evaluation import .
 
 from .bio_metrics import ImageStatistics, paint_by_score, paint_by_score_rles, summarize
 from .coco import WindowCOCOEvaluator, instances_to_coco_results
-from .detector_diagnostics import diagnose_detector, summarize_detections
+from .detector_diagnostics import diagnose_detector, masks_on_true_boxes, summarize_detections
 from .evaluator import BiologyEvaluator, PaperAPEvaluator
 from .matching import box_iou, encode_masks, mask_iou
 from .paper_ap import IOU_THRESHOLDS, PrecisionRecall, pooled_average_precision
@@ -24,6 +24,7 @@ __all__ = [
     "encode_masks",
     "instances_to_coco_results",
     "mask_iou",
+    "masks_on_true_boxes",
     "paint_by_score",
     "paint_by_score_rles",
     "pooled_average_precision",

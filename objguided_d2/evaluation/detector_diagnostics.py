@@ -14,6 +14,9 @@ Summaries: center recall (share of objects whose center peak reaches the thresho
 and objects per image, and the median predicted / true width and height over matched objects, in
 all and per object size; and, a property of the data, the share of objects whose box centre
 lies on the object itself (not on background or a neighbour).
+
+:func:`masks_on_true_boxes` measures the mask branch alone, the detector bypassed: each object's
+mask predicted from its own ground-truth box, and its IoU with the object's mask.
 """
 
 from __future__ import annotations
@@ -24,15 +27,18 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
-from detectron2.structures import Boxes, BoxMode, pairwise_iou
+from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 
 from ..data.formats import segmentation_to_rle
 from ..data.mapper import interior_points, tight_boxes
 
-__all__ = ["SIZE_BINS", "diagnose_detector", "summarize_detections"]
+__all__ = ["SIZE_BINS", "diagnose_detector", "masks_on_true_boxes", "summarize_detections"]
 
 # Object sizes (sqrt of the box area, network-input pixels) the size ratios are reported for.
 SIZE_BINS = (0, 20, 40, 80, float("inf"))
+# Logit step between the scores that rank the objects of masks_on_true_boxes: sigmoid keeps
+# thousands of such steps apart in float32.
+RANK_STEP = 1e-3
 
 
 @torch.no_grad()
@@ -74,6 +80,77 @@ def diagnose_detector(
     )
     summary["box_center_on_object"] = float(np.concatenate(centered).mean())
     return summary
+
+
+@torch.no_grad()
+def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dict]]) -> dict:
+    """The mask branch of an ObjGuidedSegmentor on the ground-truth boxes: each object's mask
+    predicted from its own box (the detector bypassed, no mask NMS), at the original size, and
+    its IoU with the object's mask. A branch that segments the wrong object of a crowded box, or
+    only part of its object, scores low here whatever the detector does.
+
+    Args:
+        model: an ObjGuidedSegmentor in eval mode.
+        inputs: (dataset record, test-mapper output) pairs.
+
+    Returns:
+        {"objects", "mean_iou", "iou_0.5", "iou_0.75" (shares of objects with an IoU of at
+        least 0.5, 0.75), "by_size": [{"size": (lo, hi), the same keys}, ...]}, sizes as in
+        :func:`diagnose_detector`.
+    """
+    heads = model.roi_heads
+    ious, sides = [], []
+    nms_thresh, cap = heads.mask_nms_thresh, heads.detections_per_image
+    heads.mask_nms_thresh = 1.0  # an IoU never exceeds 1: nothing is suppressed
+    try:
+        for record, mapped in inputs:
+            images = model.preprocess_image([mapped])
+            features = model.backbone(images.tensor)
+            boxes = _input_boxes(record, images.image_sizes[0])
+            heads.detections_per_image = len(boxes)
+            proposals = Instances(images.image_sizes[0])
+            proposals.proposal_boxes = Boxes(boxes)
+            # decreasing scores: a prediction's rank is the index of its object
+            proposals.objectness_logits = -RANK_STEP * torch.arange(len(boxes)).float()
+            proposals.pred_classes = torch.zeros(len(boxes), dtype=torch.long)
+            height, width = record["height"], record["width"]
+            (predicted,), _ = heads(images, features, [proposals], output_sizes=[(height, width)])
+            objects = [
+                torch.from_numpy(
+                    mask_util.decode(segmentation_to_rle(a["segmentation"], height, width))
+                ).bool()
+                for a in record["annotations"]
+                if not a.get("iscrowd", 0)
+            ]
+            # a missing prediction (an ROI too small to segment, an empty mask) scores 0
+            image_ious = torch.zeros(len(objects))
+            ranks = torch.round(-torch.logit(predicted.scores.double()) / RANK_STEP).long()
+            for row, rank in enumerate(ranks.tolist()):
+                mask, truth = predicted.pred_masks.to_masks(torch.tensor([row]))[0], objects[rank]
+                image_ious[rank] = (mask & truth).sum() / (mask | truth).sum().clamp(min=1)
+            ious.append(image_ious)
+            sides.append((boxes[:, 2:] - boxes[:, :2]).prod(dim=1).sqrt())
+    finally:
+        heads.mask_nms_thresh, heads.detections_per_image = nms_thresh, cap
+    ious, side = torch.cat(ious).numpy(), torch.cat(sides).numpy()
+
+    def iou_summary(rows: np.ndarray) -> dict:
+        values = ious[rows]
+        share = (lambda t: float((values >= t).mean())) if rows.any() else lambda t: float("nan")
+        return {
+            "objects": int(rows.sum()),
+            "mean_iou": float(values.mean()) if rows.any() else float("nan"),
+            "iou_0.5": share(0.5),
+            "iou_0.75": share(0.75),
+        }
+
+    return {
+        **iou_summary(np.ones(len(ious), bool)),
+        "by_size": [
+            {"size": (lo, hi), **iou_summary((side >= lo) & (side < hi))}
+            for lo, hi in zip(SIZE_BINS[:-1], SIZE_BINS[1:])
+        ],
+    }
 
 
 def _input_boxes(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
