@@ -2,6 +2,7 @@
 mask branch on the true boxes with a seg head that fills or empties every ROI."""
 
 import json
+import math
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -99,7 +100,28 @@ def test_masks_on_true_boxes_score_each_object_by_its_own_box(tmp_path, perfect)
     assert [row["objects"] for row in summary["by_size"]] == [2, 1, 1, 0]
     assert summary["mean_iou"] == (1.0 if perfect else 0.0)
     assert summary["iou_0.75"] == (1.0 if perfect else 0.0)
+    if perfect:
+        assert summary["on_other_objects"] == 0.0
+    else:  # no mask at all
+        assert math.isnan(summary["on_other_objects"])
     assert heads.mask_nms_thresh == nms_thresh  # restored
+
+
+def test_masks_on_true_boxes_count_the_pixels_that_lie_on_neighbours(tmp_path):
+    """ROIs of twice the boxes filled by the seg head reach the neighbouring squares (6 px
+    apart): part of each mask lies on other objects."""
+    opts = ["INPUT.IMAGE_SIZE", 128, "MODEL.OBJGUIDED.BOX_ENLARGE_TEST", 2.0]
+    cfg = objguided_cfg(compact=True, opts=opts)
+    model = build_model(cfg).eval()
+    model.roi_heads.seg_head = lambda e1, valid=None: (
+        torch.full_like(e1[:, :1], 20.0) * (1 if valid is None else valid)
+    )
+    record = squares_record(tmp_path, [10, 16, 30, 50])
+
+    summary = masks_on_true_boxes(model, [(record, BioDatasetMapper(cfg, is_train=False)(record))])
+
+    assert 0 < summary["on_other_objects"] < 0.5
+    assert summary["iou_0.5"] < 1
 
 
 def test_the_tool_reports_the_masks_on_true_boxes(tmp_path, capsys):

@@ -71,7 +71,10 @@ def main(argv=None) -> dict:
     if args.masks_on_true_boxes:
         masks = masks_on_true_boxes(model, ((r, mapper(r)) for r in records))
         summary["masks_on_true_boxes"] = masks
-        print("masks predicted from the ground-truth boxes: IoU with the true masks")
+        print(
+            "masks predicted from the ground-truth boxes: IoU with the true masks; "
+            f"{masks['on_other_objects']:.3f} of their pixels lie on other objects"
+        )
         print_by_size(
             masks,
             {"objects": "objects", "mean_iou": "mean IoU", "iou_0.5": "IoU >= 0.5",

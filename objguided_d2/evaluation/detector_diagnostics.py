@@ -95,11 +95,12 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
 
     Returns:
         {"objects", "mean_iou", "iou_0.5", "iou_0.75" (shares of objects with an IoU of at
-        least 0.5, 0.75), "by_size": [{"size": (lo, hi), the same keys}, ...]}, sizes as in
-        :func:`diagnose_detector`.
+        least 0.5, 0.75), "on_other_objects" (mean over the non-empty masks of the share of
+        their pixels that lie on other objects), "by_size": [{"size": (lo, hi), "objects",
+        "mean_iou", "iou_0.5", "iou_0.75"}, ...]}, sizes as in :func:`diagnose_detector`.
     """
     heads = model.roi_heads
-    ious, sides = [], []
+    ious, sides, on_others = [], [], []
     nms_thresh, cap = heads.mask_nms_thresh, heads.detections_per_image
     heads.mask_nms_thresh = 1.0  # an IoU never exceeds 1: nothing is suppressed
     try:
@@ -122,12 +123,15 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
                 for a in record["annotations"]
                 if not a.get("iscrowd", 0)
             ]
+            coverage = torch.stack(objects).sum(dim=0) if objects else None  # objects per pixel
             # a missing prediction (an ROI too small to segment, an empty mask) scores 0
             image_ious = torch.zeros(len(objects))
             ranks = torch.round(-torch.logit(predicted.scores.double()) / RANK_STEP).long()
             for row, rank in enumerate(ranks.tolist()):
                 mask, truth = predicted.pred_masks.to_masks(torch.tensor([row]))[0], objects[rank]
                 image_ious[rank] = (mask & truth).sum() / (mask | truth).sum().clamp(min=1)
+                if mask.any():
+                    on_others.append(float((coverage[mask] > truth[mask]).float().mean()))
             ious.append(image_ious)
             sides.append((boxes[:, 2:] - boxes[:, :2]).prod(dim=1).sqrt())
     finally:
@@ -146,6 +150,7 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
 
     return {
         **iou_summary(np.ones(len(ious), bool)),
+        "on_other_objects": float(np.mean(on_others)) if on_others else float("nan"),
         "by_size": [
             {"size": (lo, hi), **iou_summary((side >= lo) & (side < hi))}
             for lo, hi in zip(SIZE_BINS[:-1], SIZE_BINS[1:])
