@@ -1,5 +1,5 @@
 """Detector diagnostics: center recall and size ratios on a model whose maps are the targets; the
-mask branch on the true boxes with a seg head that fills or empties every ROI."""
+mask branch on the true boxes with logits that are its targets, empty, or fill whole ROIs."""
 
 import json
 import math

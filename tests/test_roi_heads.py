@@ -266,6 +266,19 @@ def softplus(x: float) -> float:
     return math.log1p(math.exp(x))
 
 
+def full_and_empty_rois_target() -> Instances:
+    """Three ground-truth ROIs of image 0, of different sizes: A's mask fills the image (its
+    soft ROI target is all ones), B's and C's are empty (all zeros)."""
+    target = Instances(IMAGE_SIZES[0])
+    target.gt_boxes = Boxes(
+        torch.tensor([[20.0, 20.0, 60.0, 50.0], [70, 10, 80, 30], [5, 70, 25, 76]])
+    )
+    masks = torch.zeros(3, *IMAGE_SIZES[0], dtype=torch.bool)
+    masks[0] = True
+    target.gt_masks = BitMasks(masks)
+    return target
+
+
 def test_losses_average_per_roi_with_their_weights():
     """Constant predictions c (mask) and b (points) against ROIs whose soft GT is all ones (A) or
     all zeros (B, C, of other sizes): per-ROI means give mean(sp(-c), sp(c), sp(c)), whatever
@@ -279,13 +292,7 @@ def test_losses_average_per_roi_with_their_weights():
             head.weight.zero_()
             head.bias.fill_(b)
     images, features = make_inputs()
-    target = Instances(IMAGE_SIZES[0])
-    target.gt_boxes = Boxes(
-        torch.tensor([[20.0, 20.0, 60.0, 50.0], [70, 10, 80, 30], [5, 70, 25, 76]])
-    )
-    masks = torch.zeros(3, *IMAGE_SIZES[0], dtype=torch.bool)
-    masks[0] = True
-    target.gt_masks = BitMasks(masks)
+    target = full_and_empty_rois_target()
     empty = Instances(IMAGE_SIZES[1])
     empty.gt_boxes = Boxes(torch.zeros(0, 4))
     empty.gt_masks = BitMasks(torch.zeros(0, *IMAGE_SIZES[1], dtype=torch.bool))
@@ -318,13 +325,7 @@ def test_dice_weight_adds_the_weighted_mean_soft_dice_to_the_mask_loss():
     """All-background predictions (logit -30) of ROI A (soft GT all ones) and B, C (all zeros):
     Dice losses about 1, 0, 0, so the mask loss grows by weight * dice_weight / 3."""
     images, features = make_inputs()
-    target = Instances(IMAGE_SIZES[0])
-    target.gt_boxes = Boxes(
-        torch.tensor([[20.0, 20.0, 60.0, 50.0], [70, 10, 80, 30], [5, 70, 25, 76]])
-    )
-    masks = torch.zeros(3, *IMAGE_SIZES[0], dtype=torch.bool)
-    masks[0] = True
-    target.gt_masks = BitMasks(masks)
+    target = full_and_empty_rois_target()
     mask_losses = []
     for dice_weight in (0.0, 1.5):
         torch.manual_seed(0)

@@ -116,13 +116,7 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
             proposals.pred_classes = torch.zeros(len(boxes), dtype=torch.long)
             height, width = record["height"], record["width"]
             (predicted,), _ = heads(images, features, [proposals], output_sizes=[(height, width)])
-            objects = [
-                torch.from_numpy(
-                    mask_util.decode(segmentation_to_rle(a["segmentation"], height, width))
-                ).bool()
-                for a in record["annotations"]
-                if not a.get("iscrowd", 0)
-            ]
+            objects = [torch.from_numpy(mask) for mask in _object_masks(record)]
             coverage = torch.stack(objects).sum(dim=0) if objects else None  # objects per pixel
             # a missing prediction (an ROI too small to segment, an empty mask) scores 0
             image_ious = torch.zeros(len(objects))
@@ -172,19 +166,26 @@ def _input_boxes(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
 def _object_points(record: dict, input_hw: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
     """Of each ground-truth mask of a record: its innermost pixel (G, 2), scaled to the network
     input, and whether its box's centre pixel lies on it (G,)."""
-    annotations = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
-    height, width = record["height"], record["width"]
-    points = np.zeros((len(annotations), 2), np.float32)
-    on_object = np.zeros(len(annotations), bool)
-    for index, annotation in enumerate(annotations):
-        mask = mask_util.decode(segmentation_to_rle(annotation["segmentation"], height, width))
-        mask = mask.astype(bool)[None]
-        box = tight_boxes(mask)
-        points[index] = interior_points(mask, box)[0]
+    masks = _object_masks(record)
+    points = np.zeros((len(masks), 2), np.float32)
+    on_object = np.zeros(len(masks), bool)
+    for index, mask in enumerate(masks):
+        box = tight_boxes(mask[None])
+        points[index] = interior_points(mask[None], box)[0]
         x, y = ((box[0, :2] + box[0, 2:]) / 2).astype(int)
-        on_object[index] = mask[0, y, x]  # inside the image: the box is the mask's
-    scale = torch.tensor([input_hw[1] / width, input_hw[0] / height])
+        on_object[index] = mask[y, x]  # inside the image: the box is the mask's
+    scale = torch.tensor([input_hw[1] / record["width"], input_hw[0] / record["height"]])
     return torch.from_numpy(points) * scale, on_object
+
+
+def _object_masks(record: dict) -> list[np.ndarray]:
+    """The (H, W) bool masks of a record's ground-truth objects (crowd regions left out)."""
+    height, width = record["height"], record["width"]
+    return [
+        mask_util.decode(segmentation_to_rle(a["segmentation"], height, width)).astype(bool)
+        for a in record["annotations"]
+        if not a.get("iscrowd", 0)
+    ]
 
 
 def _peaks_at(heatmap: torch.Tensor, keypoints: torch.Tensor, stride: int) -> torch.Tensor:
