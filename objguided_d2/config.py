@@ -74,6 +74,11 @@ def add_objguided_config(cfg: CN) -> None:
     # added to the mask BCE; 0: BCE alone (paper and authors). Dice is not swamped by the
     # background of a box that a thin object fills a few per cent of.
     _C.MASK_DICE_WEIGHT = 0.0
+    # Keypoint guidance: a Gaussian at each ROI's keypoint (the detector's; the ground truth's in
+    # training), of this width as a fraction of the ROI's side, added to its crops at every level
+    # through a learned 1x1 projection, so that the branch knows which object of a box that holds
+    # several to segment. 0: none (paper and authors).
+    _C.KEYPOINT_GUIDANCE_SIGMA = 0.0
     _C.MASK_THRESH_TEST = 0.53       # threshold of the pasted-back masks (authors' default)
     # Paste-back: True, each pixel is the weighted mean of the ROI samples splatted onto it, the
     # canvas resized bilinearly to the original size; False, the authors' sum of the splatted
@@ -200,6 +205,7 @@ _VALID_VALUES = {
     "MODEL.OBJGUIDED.TRAIN_BOX_JITTER": (lambda j: 0 <= j < 1, "a fraction in [0, 1)"),
     "MODEL.OBJGUIDED.MIN_ROI_SIZE": (_positive, "a positive size in level cells"),
     "MODEL.OBJGUIDED.MASK_DICE_WEIGHT": (_non_negative, "a weight, 0 or more"),
+    "MODEL.OBJGUIDED.KEYPOINT_GUIDANCE_SIGMA": (_non_negative, "a fraction, or 0 for none"),
     "MODEL.OBJGUIDED.MASK_THRESH_TEST": (_fraction, "a probability in [0, 1]"),
     "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),
     "MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE": (_non_negative, "a count, or 0 for all"),

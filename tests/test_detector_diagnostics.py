@@ -84,8 +84,8 @@ def test_masks_on_true_boxes_score_each_object_by_its_own_box(tmp_path, perfect)
     ).float()
     segment = heads.segment
 
-    def segment_as_the_targets(level_maps, batch_index, pyramid, groups):
-        outputs = segment(level_maps, batch_index, pyramid, groups)
+    def segment_as_the_targets(level_maps, batch_index, pyramid, groups, keypoints=None):
+        outputs = segment(level_maps, batch_index, pyramid, groups, keypoints)
         for index, (group, out) in enumerate(zip(groups, outputs)):
             soft = crop_masks(masks, pyramid[group.indices], out.logits.shape[-2:], group.indices)
             logits = torch.logit(soft.clamp(1e-4, 1 - 1e-4)) if perfect else soft - 20

@@ -1,6 +1,8 @@
 """ROI pyramids, grouping and crops, checked against hand-computed values and the plain
 ``grid_sample`` crop of one ROI."""
 
+import math
+
 import pytest
 import torch
 from detectron2.modeling import build_backbone
@@ -14,6 +16,7 @@ from objguided_d2.modeling.roi_crops import (
     crop_rois,
     group_rois,
     jitter_boxes,
+    keypoint_maps,
     valid_mask,
 )
 
@@ -171,6 +174,27 @@ def test_crop_masks_accepts_byte_and_float_masks(dtype):
     pyramid = build_roi_pyramid(torch.tensor([[8.0, 5.0, 25.0, 20.0]]))
     expected = crop_masks(masks, pyramid, (16, 18))
     assert torch.equal(crop_masks(masks.to(dtype), pyramid, (16, 18)), expected)
+
+
+def test_keypoint_maps_peak_at_the_keypoint_with_the_same_width_at_every_level():
+    """An 11-px box (enlarge 1): level 0 samples x = -0.5 + 1.1 k (pixel index), level 1
+    x = -0.5 + 2.75 k. A keypoint at pixel centre 5 (continuous 5.5) lies on sample 5, then
+    sample 2; sigma 0.1 of the 11-px side is 1.1 px at both levels. A 4-px ROI padded into the
+    same batch is zero outside its own 4 x 4 and 2 x 2 samples."""
+    boxes = torch.tensor([[0.0, 0.0, 11.0, 11.0], [20.0, 20.0, 24.0, 24.0]])
+    keypoints = torch.tensor([[5.5, 5.5], [22.0, 22.0]])
+    pyramid = build_roi_pyramid(boxes, strides=(1, 2), enlarge=1.0)
+    level0 = keypoint_maps(pyramid, keypoints, 0, (11, 11), sigma=0.1)
+    level1 = keypoint_maps(pyramid, keypoints, 1, (5, 5), sigma=0.1)
+    assert level0.shape == (2, 1, 11, 11) and level1.shape == (2, 1, 5, 5)
+    assert level0.dtype == torch.float32
+    assert level0[0, 0, 5, 5] == 1 and level1[0, 0, 2, 2] == 1
+    assert level0[0, 0].argmax() == 5 * 11 + 5 and level1[0, 0].argmax() == 2 * 5 + 2
+    torch.testing.assert_close(level0[0, 0, 5, 6], torch.tensor(math.exp(-0.5)))
+    torch.testing.assert_close(level1[0, 0, 3, 2], torch.tensor(math.exp(-0.5 * 2.5**2)))
+    for maps, side in ((level0, 4), (level1, 2)):
+        assert (maps[1, 0, :side, :side] > 0).all()
+        assert not maps[1, 0, side:].any() and not maps[1, 0, :, side:].any()
 
 
 def test_valid_mask():

@@ -75,7 +75,14 @@ def roi_boxes(image_index: int) -> torch.Tensor:
     return torch.tensor([box for i, box, _ in ROIS if i == image_index]).reshape(-1, 4)
 
 
+def points_in(boxes: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """(N, 2) random (x, y) points inside (N, 4) XYXY boxes."""
+    where = torch.rand(len(boxes), 2, generator=torch.Generator().manual_seed(seed))
+    return boxes[:, :2] + where * (boxes[:, 2:] - boxes[:, :2])
+
+
 def proposals_of_rois():
+    """Proposals of ROIS, with keypoints inside their boxes (read with keypoint guidance)."""
     proposals = []
     for image_index, image_size in enumerate(IMAGE_SIZES):
         boxes = roi_boxes(image_index)
@@ -83,12 +90,14 @@ def proposals_of_rois():
         instances.proposal_boxes = Boxes(boxes)
         instances.objectness_logits = torch.linspace(2.0, -1.0, len(boxes))
         instances.pred_classes = torch.zeros(len(boxes), dtype=torch.int64)
+        instances.proposal_keypoints = points_in(boxes, seed=image_index)
         proposals.append(instances)
     return proposals
 
 
 def targets_of_rois(seed: int = 0):
-    """GT boxes of ROIS with random blob masks at each image's size."""
+    """GT boxes of ROIS with random blob masks at each image's size and keypoints inside the
+    boxes (``gt_interior_points``, read with keypoint guidance)."""
     generator = torch.Generator().manual_seed(seed)
     targets = []
     for image_index, image_size in enumerate(IMAGE_SIZES):
@@ -100,6 +109,7 @@ def targets_of_rois(seed: int = 0):
         instances = Instances(image_size)
         instances.gt_boxes = Boxes(boxes)
         instances.gt_masks = BitMasks(blobs)
+        instances.gt_interior_points = points_in(boxes, seed=seed + image_index)
         targets.append(instances)
     return targets
 
@@ -110,13 +120,17 @@ def all_rois():
     return boxes, batch_index
 
 
-def per_roi_logits(heads, images, features, batch_rois: bool):
-    """{ROI index: (h, w) level-0 logits} of the ROIs ordered as :func:`all_rois`."""
+def per_roi_logits(heads, images, features, batch_rois: bool, keypoints=None):
+    """{ROI index: (h, w) level-0 logits} of the ROIs ordered as :func:`all_rois`; default
+    keypoints: random points inside the boxes."""
     heads.batch_rois = batch_rois
     boxes, batch_index = all_rois()
+    if keypoints is None:
+        keypoints = points_in(boxes)
     pyramid = heads.build_pyramid(boxes)
     groups = heads.group(pyramid)
-    outputs = heads.segment(heads.level_maps(images, features), batch_index, pyramid, groups)
+    level_maps = heads.level_maps(images, features)
+    outputs = heads.segment(level_maps, batch_index, pyramid, groups, keypoints)
     logits = {}
     for group, out in zip(groups, outputs):
         for row, index in enumerate(group.indices.tolist()):
@@ -149,9 +163,14 @@ def test_test_time_enlargement_widens_inference_rois_only():
     )
 
 
-def test_batched_forward_equals_one_roi_at_a_time():
+# keypoint guidance off (paper) and on
+GUIDANCE = pytest.mark.parametrize("guidance_sigma", [0.0, 0.15], ids=["paper", "keypoint-guided"])
+
+
+@GUIDANCE
+def test_batched_forward_equals_one_roi_at_a_time(guidance_sigma):
     torch.manual_seed(0)
-    heads = make_heads().eval()
+    heads = make_heads(keypoint_guidance_sigma=guidance_sigma).eval()
     images, features = make_inputs()
     with torch.no_grad():
         batched, groups, pyramid = per_roi_logits(heads, images, features, batch_rois=True)
@@ -204,10 +223,11 @@ def fixed_candidate_points(probs, valid_hw, density, oversample_ratio, importanc
     return select_uncertain_points(probs, valid_hw, candidates, num_candidates, num_points)
 
 
-def test_batched_losses_and_gradients_equal_one_roi_at_a_time(monkeypatch):
+@GUIDANCE
+def test_batched_losses_and_gradients_equal_one_roi_at_a_time(monkeypatch, guidance_sigma):
     monkeypatch.setattr(roi_heads_module, "sample_uncertain_points", fixed_candidate_points)
     torch.manual_seed(0)
-    heads = make_heads().train()
+    heads = make_heads(keypoint_guidance_sigma=guidance_sigma).train()
     images, features = make_inputs()
     features = {name: f.requires_grad_() for name, f in features.items()}
     targets = targets_of_rois()
@@ -229,9 +249,10 @@ def test_batched_losses_and_gradients_equal_one_roi_at_a_time(monkeypatch):
         torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-4)
 
 
-def test_batched_predictions_equal_one_roi_at_a_time():
+@GUIDANCE
+def test_batched_predictions_equal_one_roi_at_a_time(guidance_sigma):
     torch.manual_seed(0)
-    heads = make_heads().eval()
+    heads = make_heads(keypoint_guidance_sigma=guidance_sigma).eval()
     images, features = make_inputs()
     results = []
     with torch.no_grad():
@@ -377,13 +398,14 @@ def test_degenerate_batches_give_finite_losses_and_grads_for_every_parameter(
 def test_max_train_rois_per_image_caps_the_rois():
     heads = make_heads(max_train_rois_per_image=2, refine_enabled=False).train()
     targets = targets_of_rois()
-    boxes, batch_index, masks = heads._training_rois(targets, (96, 128))
+    boxes, keypoints, batch_index, masks = heads._training_rois(targets, (96, 128))
     assert batch_index.tolist() == [0, 0, 1, 1]
     assert masks.shape == (4, 96, 128)
-    for box, image, mask in zip(boxes, batch_index, masks):
+    for box, keypoint, image, mask in zip(boxes, keypoints, batch_index, masks):
         target = targets[image]
         match = (target.gt_boxes.tensor == box).all(dim=1).nonzero()[:, 0]
-        assert len(match) == 1  # a GT box with its own mask, padded
+        assert len(match) == 1  # a GT box with its own keypoint and mask, padded
+        assert torch.equal(keypoint, target.gt_interior_points[match[0]])
         h, w = target.image_size
         assert torch.equal(mask[:h, :w], target.gt_masks.tensor[match[0]])
         assert not mask[h:].any() and not mask[:, w:].any()
@@ -394,8 +416,9 @@ def test_training_rois_are_jittered_and_their_masks_kept():
     exact = make_heads(refine_enabled=False).train()._training_rois(targets, (96, 128))
     torch.manual_seed(0)
     heads = make_heads(train_box_jitter=0.2, refine_enabled=False).train()
-    boxes, batch_index, masks = heads._training_rois(targets, (96, 128))
-    assert torch.equal(batch_index, exact[1]) and torch.equal(masks, exact[2])
+    boxes, keypoints, batch_index, masks = heads._training_rois(targets, (96, 128))
+    assert torch.equal(keypoints, exact[1])  # the keypoints stay where the objects are
+    assert torch.equal(batch_index, exact[2]) and torch.equal(masks, exact[3])
     sizes = exact[0][:, 2:] - exact[0][:, :2]
     scale = (boxes[:, 2:] - boxes[:, :2]) / sizes
     shift = ((boxes[:, :2] + boxes[:, 2:]) - (exact[0][:, :2] + exact[0][:, 2:])) / 2 / sizes
@@ -413,7 +436,7 @@ class OracleHeads(ObjGuidedROIHeads):
     def level_maps(self, images, features):
         return []
 
-    def segment(self, level_maps, batch_index, pyramid, groups):
+    def segment(self, level_maps, batch_index, pyramid, groups, keypoints=None):
         outputs = []
         for group in groups:
             soft = crop_masks(
@@ -575,3 +598,50 @@ def test_image_conv_reads_the_image_at_the_authors_scale():
     heads.image_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     heads.level0_map(ImageList(normalized, [(16, 20)]))
     torch.testing.assert_close(seen[0], raw / 255 - 0.5)
+
+
+def two_discs_in_one_box():
+    """Image 0 of the test batch with two equal discs side by side, and its targets: two
+    instances that share one box (the pair's), each with its own disc's mask and centre."""
+    images, features = make_inputs()
+    rows, cols = torch.meshgrid(torch.arange(96.0), torch.arange(128.0), indexing="ij")
+    centers = [(40.0, 48.0), (66.0, 48.0)]  # (x, y) pixel indices
+    discs = torch.stack([(cols - x) ** 2 + (rows - y) ** 2 <= 10**2 for x, y in centers])
+    images.tensor[0] = discs.any(dim=0).float() * 2 - 1
+    target = Instances(IMAGE_SIZES[0])
+    target.gt_boxes = Boxes(torch.tensor([[28.0, 36.0, 78.0, 60.0]]).repeat(2, 1))
+    target.gt_masks = BitMasks(discs)
+    target.gt_interior_points = torch.tensor(centers) + 0.5
+    return images, features, target
+
+
+@pytest.mark.parametrize("guidance_sigma", [0.0, 0.15], ids=["paper", "keypoint-guided"])
+def test_keypoint_guidance_tells_which_object_of_a_shared_box_to_segment(guidance_sigma):
+    """Trained on two discs that share one box, the guided branch segments the disc at each
+    proposal's keypoint; without guidance both ROIs see the same crops and get the same mask."""
+    torch.manual_seed(0)
+    heads = make_heads(keypoint_guidance_sigma=guidance_sigma, refine_enabled=False).train()
+    images, features, target = two_discs_in_one_box()
+    optimizer = torch.optim.Adam(heads.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        heads(images, features, [], [target])[1]["loss_mask"].backward()
+        optimizer.step()
+
+    proposals = Instances(IMAGE_SIZES[0])
+    proposals.proposal_boxes = target.gt_boxes
+    proposals.objectness_logits = torch.tensor([1.0, 0.0])
+    proposals.pred_classes = torch.zeros(2, dtype=torch.int64)
+    proposals.proposal_keypoints = target.gt_interior_points
+    heads.eval().mask_nms_thresh = 1.0  # keep both masks, however alike
+    image0 = ImageList(images.tensor[:1], IMAGE_SIZES[:1])
+    with torch.no_grad():
+        (predicted,), _ = heads(image0, {k: v[:1] for k, v in features.items()}, [proposals])
+    # (K, 2) IoU of each non-empty predicted mask, in score order, with each disc
+    masks, truth = predicted.pred_masks.to_masks()[:, None], target.gt_masks.tensor[None]
+    ious = (masks & truth).sum(dim=(2, 3)) / (masks | truth).sum(dim=(2, 3))
+    if guidance_sigma > 0:
+        assert len(masks) == 2 and (ious.diagonal() > 0.7).all(), ious
+    else:  # the same mask twice (or none): one disc at most
+        assert all(torch.equal(mask, masks[0]) for mask in masks)
+        assert (ious > 0.7).sum() <= 1, ious

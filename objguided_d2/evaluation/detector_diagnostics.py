@@ -85,7 +85,8 @@ def diagnose_detector(
 @torch.no_grad()
 def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dict]]) -> dict:
     """The mask branch of an ObjGuidedSegmentor on the ground-truth boxes: each object's mask
-    predicted from its own box (the detector bypassed, no mask NMS), at the original size, and
+    predicted from its own box and keypoint (the detector bypassed, no mask NMS), at the original
+    size, and
     its IoU with the object's mask. A branch that segments the wrong object of a crowded box, or
     only part of its object, scores low here whatever the detector does.
 
@@ -114,6 +115,8 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
             # decreasing scores: a prediction's rank is the index of its object
             proposals.objectness_logits = -RANK_STEP * torch.arange(len(boxes)).float()
             proposals.pred_classes = torch.zeros(len(boxes), dtype=torch.long)
+            if model.proposal_generator.center_point == "interior":  # else the boxes' centres
+                proposals.proposal_keypoints = _object_points(record, images.image_sizes[0])[0]
             height, width = record["height"], record["width"]
             (predicted,), _ = heads(images, features, [proposals], output_sizes=[(height, width)])
             objects = [torch.from_numpy(mask) for mask in _object_masks(record)]

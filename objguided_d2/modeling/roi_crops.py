@@ -54,6 +54,7 @@ __all__ = [
     "crop_roi_groups",
     "crop_rois",
     "group_rois",
+    "keypoint_maps",
     "valid_mask",
 ]
 
@@ -408,6 +409,40 @@ def crop_masks(
     index, weights = bilinear_tap_rows(plane_rows, width, y_taps, x_taps)
     values = masks.reshape(-1)[index].to(torch.float64)
     return (values * weights).sum(dim=-1).float()[:, None]
+
+
+def keypoint_maps(
+    pyramid: RoiPyramid,
+    keypoints: torch.Tensor,
+    level: int,
+    pad_hw: Sequence[int],
+    sigma: float,
+) -> torch.Tensor:
+    """A Gaussian bump at each ROI's keypoint, sampled on its crop grid at ``level``: which of the
+    objects in a crowded box the ROI is about.
+
+    The bump is defined in input pixels, its standard deviation ``sigma`` times the ROI's mean
+    enlarged side, so it covers the same part of the ROI at every level.
+
+    Args:
+        pyramid: the R ROIs.
+        keypoints: (R, 2) (x, y) of each ROI's keypoint, network-input pixels (continuous
+            coordinates, as the boxes).
+        level: level of the crop grid.
+        pad_hw: (Hp, Wp), at least the largest (h, w) of the level.
+        sigma: the bump's standard deviation as a fraction of the ROI's mean side.
+
+    Returns:
+        (R, 1, Hp, Wp) float32, 1 at the keypoint, zero outside each ROI's valid region.
+    """
+    (y, y_valid), (x, x_valid) = pyramid.positions(level, pad_hw)
+    stride = pyramid.strides[level]
+    points = keypoints.to(torch.float64) - 0.5  # pixel-index coordinates, as the samples
+    # a skipped ROI (no level) has no size: keep its width positive, its bump is never read
+    width = (sigma * pyramid.sizes.mean(dim=1, keepdim=True)).clamp(min=0.5)
+    bump_y = torch.exp(-0.5 * ((y * stride - points[:, 1:]) / width) ** 2) * y_valid
+    bump_x = torch.exp(-0.5 * ((x * stride - points[:, :1]) / width) ** 2) * x_valid
+    return (bump_y[:, :, None] * bump_x[:, None, :]).float()[:, None]
 
 
 def crop_one_roi(feature: torch.Tensor, pyramid: RoiPyramid, level: int) -> torch.Tensor:

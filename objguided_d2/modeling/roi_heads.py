@@ -40,6 +40,7 @@ from .roi_crops import (
     crop_roi_groups,
     group_rois,
     jitter_boxes,
+    keypoint_maps,
     valid_mask,
 )
 from .tiling import Placement
@@ -98,6 +99,7 @@ class ObjGuidedROIHeads(nn.Module):
         min_roi_size: float = 2.0,
         mask_loss_weight: float = 2.0,
         mask_dice_weight: float = 0.0,
+        keypoint_guidance_sigma: float = 0.0,
         mask_thresh_test: float = 0.53,
         paste_normalized: bool = True,
         mask_nms_thresh: float = 0.2,
@@ -133,6 +135,12 @@ class ObjGuidedROIHeads(nn.Module):
             mask_loss_weight: weight of the mask BCE.
             mask_dice_weight: weight of a soft Dice loss added to the mask BCE (0: none, as the
                 paper).
+            keypoint_guidance_sigma: 0 (paper) or the width, as a fraction of the ROI's mean side,
+                of a Gaussian at each ROI's keypoint that a learned 1x1 projection adds to its
+                crops at every level (see :func:`.roi_crops.keypoint_maps`), so that the branch
+                knows which object of a crowded box to segment. Training places it at the
+                ground-truth keypoints (``gt_interior_points``, else the box centres), inference
+                at the detector's (``proposal_keypoints``, else the box centres).
             mask_thresh_test: pasted value at or above which a pixel is foreground.
             paste_normalized: paste the masks back as the weighted mean of their samples, resized
                 bilinearly, or as the authors' summed votes, resized by nearest neighbour (see
@@ -170,6 +178,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.min_roi_size = min_roi_size
         self.mask_loss_weight = mask_loss_weight
         self.mask_dice_weight = mask_dice_weight
+        self.keypoint_guidance_sigma = keypoint_guidance_sigma
         self.mask_thresh_test = mask_thresh_test
         self.paste_normalized = paste_normalized
         self.mask_nms_thresh = mask_nms_thresh
@@ -207,6 +216,11 @@ class ObjGuidedROIHeads(nn.Module):
         )
         self.seg_conv = nn.Conv2d(channels[0], channels[0], 3, padding=1)
         self.seg_predictor = nn.Conv2d(channels[0], 1, 3, padding=1)
+        self.keypoint_projections = None
+        if keypoint_guidance_sigma > 0:
+            self.keypoint_projections = nn.ModuleList(
+                nn.Conv2d(1, c, 1, bias=False) for c in channels
+            )
         if refine_enabled:
             self.point_head0 = nn.Conv1d(channels[0], 1, 1)
             self.point_head1 = nn.Conv1d(channels[0] + channels[1], 1, 1)
@@ -228,6 +242,7 @@ class ObjGuidedROIHeads(nn.Module):
             "min_roi_size": og.MIN_ROI_SIZE,
             "mask_loss_weight": og.MASK_LOSS_WEIGHT,
             "mask_dice_weight": og.MASK_DICE_WEIGHT,
+            "keypoint_guidance_sigma": og.KEYPOINT_GUIDANCE_SIGMA,
             "mask_thresh_test": og.MASK_THRESH_TEST,
             "paste_normalized": og.PASTE_NORMALIZED,
             "mask_nms_thresh": og.MASK_NMS_THRESH,
@@ -255,9 +270,10 @@ class ObjGuidedROIHeads(nn.Module):
             images: the normalized, padded batch (level 0 convolves ``images.tensor``).
             features: backbone maps, at least ``in_features``.
             proposals: per image, ``proposal_boxes`` (network-input pixels),
-                ``objectness_logits`` and ``pred_classes``; unused in training.
-            targets: per image, ``gt_boxes`` and ``gt_masks`` (BitMasks at the network-input
-                size); required in training.
+                ``objectness_logits``, ``pred_classes`` and optionally ``proposal_keypoints``;
+                unused in training.
+            targets: per image, ``gt_boxes``, ``gt_masks`` (BitMasks at the network-input
+                size) and optionally ``gt_interior_points``; required in training.
             output_sizes: per image, the (height, width) to predict at; boxes and masks are
                 scaled per axis from ``images.image_sizes[i]``.
             placements: per image, where it lies in a larger image it is a tile of: the
@@ -305,6 +321,7 @@ class ObjGuidedROIHeads(nn.Module):
         batch_index: torch.Tensor,
         pyramid: RoiPyramid,
         groups: Sequence[RoiGroup],
+        keypoints: torch.Tensor | None = None,
     ) -> list[GroupOutput]:
         """Run the mask branch on every group.
 
@@ -313,14 +330,20 @@ class ObjGuidedROIHeads(nn.Module):
             batch_index: (R,) int64 image of each ROI of ``pyramid``.
             pyramid: the R ROIs.
             groups: batches of ROIs (see :meth:`group`).
+            keypoints: (R, 2) (x, y) keypoint of each ROI, network-input pixels; needed with
+                keypoint guidance.
 
         Returns:
             one :class:`GroupOutput` per group.
         """
         if not groups:
             return []
+        if self.keypoint_projections is not None and keypoints is None:
+            raise ValueError("keypoint guidance needs the ROIs' keypoints")
         if not self.batch_rois:
-            return self._segment_one_roi_at_a_time(level_maps, batch_index, pyramid, groups)
+            return self._segment_one_roi_at_a_time(
+                level_maps, batch_index, pyramid, groups, keypoints
+            )
         # One gather per level for all groups: a single gradient accumulation per feature map.
         num_levels = max(group.num_levels for group in groups)
         level_crops = [
@@ -335,7 +358,12 @@ class ObjGuidedROIHeads(nn.Module):
             )
             for level in range(num_levels)
         ]
-        crops = [[next(level_crops[level]) for level in range(g.num_levels)] for g in groups]
+        crops = [
+            self.add_keypoint_guidance(
+                [next(level_crops[level]) for level in range(g.num_levels)], pyramid, keypoints, g
+            )
+            for g in groups
+        ]
         valid_hw = [pyramid.level_hw[g.indices, : g.num_levels] for g in groups]
         return self.mask_branch(crops, valid_hw)
 
@@ -345,6 +373,7 @@ class ObjGuidedROIHeads(nn.Module):
         batch_index: torch.Tensor,
         pyramid: RoiPyramid,
         groups: Sequence[RoiGroup],
+        keypoints: torch.Tensor | None,
     ) -> list[GroupOutput]:
         """The reference: groups of one ROI, cropped with ``grid_sample`` and run unpadded."""
         crops, valid_hw = [], []
@@ -352,10 +381,31 @@ class ObjGuidedROIHeads(nn.Module):
             one = pyramid[group.indices]
             image = int(batch_index[group.indices[0]])
             maps = [level_map[image, None] for level_map in level_maps[: group.num_levels]]
-            crops.append([crop_one_roi(m, one, level) for level, m in enumerate(maps)])
+            levels = [crop_one_roi(m, one, level) for level, m in enumerate(maps)]
+            crops.append(self.add_keypoint_guidance(levels, pyramid, keypoints, group))
             valid_hw.append(one.level_hw[:, : group.num_levels])
         outputs = self.mask_branch(crops)
         return [out._replace(valid_hw=hw) for out, hw in zip(outputs, valid_hw)]
+
+    def add_keypoint_guidance(
+        self,
+        crops: list[torch.Tensor],
+        pyramid: RoiPyramid,
+        keypoints: torch.Tensor | None,
+        group: RoiGroup,
+    ) -> list[torch.Tensor]:
+        """A group's crops (per level (G, C_i, Hp_i, Wp_i)), each plus its level's projection of
+        the Gaussian at the ROIs' keypoints (zero outside each ROI, as the crops); the crops as
+        they are without keypoint guidance."""
+        if self.keypoint_projections is None:
+            return crops
+        rois, points = pyramid[group.indices], keypoints[group.indices]
+        return [
+            crop + project(keypoint_maps(rois, points, level, pad_hw, self.keypoint_guidance_sigma))
+            for level, (crop, project, pad_hw) in enumerate(
+                zip(crops, self.keypoint_projections, group.pad_hw)
+            )
+        ]
 
     def mask_branch(
         self,
@@ -428,11 +478,13 @@ class ObjGuidedROIHeads(nn.Module):
         weight * mean over ROIs and point heads of the mean BCE at the sampled points (authors'
         averaging).
         """
-        boxes, batch_index, gt_masks = self._training_rois(targets, images.tensor.shape[-2:])
+        boxes, keypoints, batch_index, gt_masks = self._training_rois(
+            targets, images.tensor.shape[-2:]
+        )
         pyramid = self.build_pyramid(boxes)
         groups = self.group(pyramid)
         level_maps = self.level_maps(images, features)
-        outputs = self.segment(level_maps, batch_index, pyramid, groups)
+        outputs = self.segment(level_maps, batch_index, pyramid, groups, keypoints)
 
         mask_losses, refine_losses = [], []
         for group, out in zip(groups, outputs):
@@ -457,11 +509,11 @@ class ObjGuidedROIHeads(nn.Module):
 
     def _training_rois(
         self, targets: list[Instances], padded_hw: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ground-truth boxes (R, 4), their image (R,) and their masks (R, H, W) bool, padded to
-        the batch's padded size; at most ``max_train_rois_per_image`` random ones per image, the
-        boxes jittered by ``train_box_jitter``."""
-        boxes, batch_index, masks = [], [], []
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ground-truth boxes (R, 4), their keypoints (R, 2), their image (R,) and their masks
+        (R, H, W) bool, padded to the batch's padded size; at most ``max_train_rois_per_image``
+        random ones per image, the boxes (not the keypoints) jittered by ``train_box_jitter``."""
+        boxes, keypoints, batch_index, masks = [], [], [], []
         for image_index, target in enumerate(targets):
             keep = torch.arange(len(target), device=target.gt_boxes.device)
             if 0 < self.max_train_rois_per_image < len(target):
@@ -475,12 +527,13 @@ class ObjGuidedROIHeads(nn.Module):
             image_masks = target.gt_masks.tensor[keep]
             height, width = image_masks.shape[1:]
             boxes.append(target.gt_boxes.tensor[keep])
+            keypoints.append(_keypoints(target, "gt_interior_points", target.gt_boxes)[keep])
             batch_index.append(torch.full_like(keep, image_index))
             masks.append(F.pad(image_masks, (0, padded_hw[1] - width, 0, padded_hw[0] - height)))
         boxes = torch.cat(boxes)
         if self.train_box_jitter > 0:
             boxes = jitter_boxes(boxes, self.train_box_jitter)
-        return boxes, torch.cat(batch_index), torch.cat(masks)
+        return boxes, torch.cat(keypoints), torch.cat(batch_index), torch.cat(masks)
 
     def _refine_losses(self, out: GroupOutput, gt: torch.Tensor) -> list[torch.Tensor]:
         """Per-ROI mean BCE of each point head at the group's uncertain points (ROIs without a
@@ -527,6 +580,9 @@ class ObjGuidedROIHeads(nn.Module):
         placed in, mask-NMSed and capped; each image's ``pred_masks`` are
         :class:`.mask_windows.MaskWindows` of the kept masks' tight boxes."""
         boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
+        keypoints = torch.cat(
+            [_keypoints(p, "proposal_keypoints", p.proposal_boxes) for p in proposals]
+        )
         scores = torch.cat([p.objectness_logits.sigmoid() for p in proposals])
         classes = torch.cat([p.pred_classes for p in proposals])
         # With autograd off, inference mode skips the view and version tracking of each of the
@@ -534,7 +590,7 @@ class ObjGuidedROIHeads(nn.Module):
         # are ordinary tensors, which callers may modify in place.
         with torch.inference_mode(not torch.is_grad_enabled()):
             kept_masks = self._kept_masks(
-                images, features, proposals, boxes, scores, output_sizes, placements
+                images, features, proposals, boxes, keypoints, scores, output_sizes, placements
             )
         results = []
         for placement, output_hw, (kept, windows, keep) in zip(
@@ -564,12 +620,14 @@ class ObjGuidedROIHeads(nn.Module):
         features: dict[str, torch.Tensor],
         proposals: list[Instances],
         boxes: torch.Tensor,
+        keypoints: torch.Tensor,
         scores: torch.Tensor,
         output_sizes: Sequence[tuple[int, int]],
         placements: Sequence[Placement],
     ) -> list[tuple[torch.Tensor, MaskWindows, torch.Tensor]]:
         """Per image: the kept ROIs ((K,) int64 indices into ``boxes``), the pasted masks'
-        windows of all its ROIs and which of them are kept ((K,) int64)."""
+        windows of all its ROIs and which of them are kept ((K,) int64). ``keypoints`` (R, 2):
+        the ROIs' keypoints."""
         batch_index = torch.cat(
             [
                 torch.full((len(p),), i, dtype=torch.long, device=boxes.device)
@@ -588,7 +646,7 @@ class ObjGuidedROIHeads(nn.Module):
         # Segment a few groups at a time and keep only their masks' windows: the branch's
         # feature maps then grow with the groups' pixels, not with all the ROIs' pixels.
         for chunk in _group_chunks(groups, self.max_inference_pixels):
-            outputs = self.segment(level_maps, batch_index, pyramid, chunk)
+            outputs = self.segment(level_maps, batch_index, pyramid, chunk, keypoints)
             for group, out in zip(chunk, outputs):
                 for image_index in batch_index[group.indices].unique().tolist():
                     mine = batch_index[group.indices] == image_index
@@ -629,6 +687,11 @@ def _group_chunks(groups: Sequence[RoiGroup], max_pixels: int) -> list[list[RoiG
         chunks[-1].append(group)
         pixels += size
     return chunks
+
+
+def _keypoints(instances: Instances, field: str, boxes: Boxes) -> torch.Tensor:
+    """(N, 2) (x, y) keypoints of the instances: their ``field``, else their boxes' centres."""
+    return instances.get(field) if instances.has(field) else boxes.get_centers()
 
 
 def soft_dice_loss(logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
