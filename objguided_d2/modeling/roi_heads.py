@@ -8,7 +8,9 @@ a two-conv head predicts mask logits at the ROI's own level-0 resolution. Traini
 ground-truth boxes and adds the auxiliary refinement: point heads on e1 and [e1, e2] at the most
 uncertain points of each predicted mask. Inference pastes the masks back into their windows of the
 image, filters them with mask NMS and writes out the kept ones as full-image masks
-(:mod:`.mask_windows`).
+(:mod:`.mask_windows`). Optionally (``keypoint_guidance_sigma``, a departure from the paper), each
+ROI's crops also carry a Gaussian at its keypoint, so that a box holding several objects says
+which one is meant.
 
 The branch's computation is written once (:meth:`ObjGuidedROIHeads.mask_branch`) and runs two
 ways: on padded groups of ROIs (:func:`.roi_crops.group_rois`), each layer in its padded-batch
