@@ -18,7 +18,7 @@ from objguided_d2.data import BioDatasetMapper
 from objguided_d2.data.formats import mask_to_annotation
 from objguided_d2.data.transforms import ScaleShiftTransform
 from objguided_d2.evaluation import diagnose_detector, masks_on_true_boxes, summarize_detections
-from objguided_d2.evaluation.detector_diagnostics import _object_points
+from objguided_d2.evaluation.detector_diagnostics import _object_masks, _object_points
 from objguided_d2.modeling.roi_crops import crop_masks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -175,6 +175,6 @@ def test_object_points_of_a_cell_with_a_protrusion():
     square[20:30, 20:30] = True
     record = {"height": 40, "width": 80,
               "annotations": [mask_to_annotation(cell), mask_to_annotation(square)]}  # fmt: skip
-    points, on_object = _object_points(record, (80, 160))
+    points, on_object = _object_points(_object_masks(record), (80, 160))
     assert on_object.tolist() == [False, True]
     assert points[0].tolist() == [9.0, 9.0]  # pixel (4, 4), centre (4.5, 4.5), scaled by 2

@@ -67,7 +67,7 @@ def diagnose_detector(
         gt = _input_boxes(record, (height, width))
         kept = proposals[proposals.objectness_logits.sigmoid() >= score_thresh]
         detections.append(len(kept))
-        interior, center_on_object = _object_points(record, (height, width))
+        interior, center_on_object = _object_points(_object_masks(record), (height, width))
         centered.append(center_on_object)
         keypoints = (
             interior if generator.center_point == "interior" else (gt[:, :2] + gt[:, 2:]) / 2
@@ -86,9 +86,8 @@ def diagnose_detector(
 def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dict]]) -> dict:
     """The mask branch of an ObjGuidedSegmentor on the ground-truth boxes: each object's mask
     predicted from its own box and keypoint (the detector bypassed, no mask NMS), at the original
-    size, and
-    its IoU with the object's mask. A branch that segments the wrong object of a crowded box, or
-    only part of its object, scores low here whatever the detector does.
+    size, and its IoU with the object's mask. A branch that segments the wrong object of a crowded
+    box, or only part of its object, scores low here whatever the detector does.
 
     Args:
         model: an ObjGuidedSegmentor in eval mode.
@@ -109,6 +108,7 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
             images = model.preprocess_image([mapped])
             features = model.backbone(images.tensor)
             boxes = _input_boxes(record, images.image_sizes[0])
+            masks = _object_masks(record)
             heads.detections_per_image = len(boxes)
             proposals = Instances(images.image_sizes[0])
             proposals.proposal_boxes = Boxes(boxes)
@@ -116,10 +116,10 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
             proposals.objectness_logits = -RANK_STEP * torch.arange(len(boxes)).float()
             proposals.pred_classes = torch.zeros(len(boxes), dtype=torch.long)
             if model.proposal_generator.center_point == "interior":  # else the boxes' centres
-                proposals.proposal_keypoints = _object_points(record, images.image_sizes[0])[0]
+                proposals.proposal_keypoints = _object_points(masks, images.image_sizes[0])[0]
             height, width = record["height"], record["width"]
             (predicted,), _ = heads(images, features, [proposals], output_sizes=[(height, width)])
-            objects = [torch.from_numpy(mask) for mask in _object_masks(record)]
+            objects = [torch.from_numpy(mask) for mask in masks]
             coverage = torch.stack(objects).sum(dim=0) if objects else None  # objects per pixel
             # a missing prediction (an ROI too small to segment, an empty mask) scores 0
             image_ious = torch.zeros(len(objects))
@@ -166,10 +166,11 @@ def _input_boxes(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
 
 
-def _object_points(record: dict, input_hw: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
-    """Of each ground-truth mask of a record: its innermost pixel (G, 2), scaled to the network
-    input, and whether its box's centre pixel lies on it (G,)."""
-    masks = _object_masks(record)
+def _object_points(
+    masks: Sequence[np.ndarray], input_hw: Sequence[int]
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Of each (H, W) ground-truth mask of an image (:func:`_object_masks`): its innermost pixel
+    (G, 2), scaled to the network input, and whether its box's centre pixel lies on it (G,)."""
     points = np.zeros((len(masks), 2), np.float32)
     on_object = np.zeros(len(masks), bool)
     for index, mask in enumerate(masks):
@@ -177,7 +178,8 @@ def _object_points(record: dict, input_hw: Sequence[int]) -> tuple[torch.Tensor,
         points[index] = interior_points(mask[None], box)[0]
         x, y = ((box[0, :2] + box[0, 2:]) / 2).astype(int)
         on_object[index] = mask[y, x]  # inside the image: the box is the mask's
-    scale = torch.tensor([input_hw[1] / record["width"], input_hw[0] / record["height"]])
+    height, width = masks[0].shape if masks else input_hw
+    scale = torch.tensor([input_hw[1] / width, input_hw[0] / height])
     return torch.from_numpy(points) * scale, on_object
 
 
