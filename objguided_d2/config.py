@@ -52,6 +52,10 @@ def add_objguided_config(cfg: CN) -> None:
     # The size head predicts the log of its sizes in output cells (True) or the sizes (False,
     # paper and authors).
     _C.WH_LOG_SPACE = False
+    # The size head starts at the typical training object, INPUT.OBJECT_SIZE (its output bias),
+    # instead of at size 0 (False, the authors): from scratch, a short schedule under-predicts
+    # the larger objects otherwise.
+    _C.WH_INIT_OBJECT_SIZE = False
     _C.TOPK_CENTERS = 500            # peaks kept after the 3x3 max-pool
     _C.SCORE_THRESH_TEST = 0.3       # minimum center score of a detection
 

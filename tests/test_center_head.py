@@ -240,6 +240,26 @@ def test_encoding_then_decoding_recovers_the_boxes(log_wh, center_point):
         assert torch.equal(proposal.pred_classes[order], inst.gt_classes)
 
 
+@pytest.mark.parametrize("center_point", ["box", "interior"])
+@pytest.mark.parametrize("log_wh", [False, True])
+def test_a_fresh_size_head_starts_at_the_size_prior(log_wh, center_point):
+    """Before training (the size head's weights left out), every detection is a box of the prior
+    diameter around its keypoint; without a prior, a point."""
+    features = torch.randn(1, 8, 16, 16)
+    heat = torch.full((1, 2, 16, 16), -10.0)
+    heat[0, 0, 8, 6] = 2.0  # one centre at cell (6, 8): input pixel (24, 32)
+    for prior, expected in ((36.0, [6.0, 14.0, 42.0, 50.0]), (0.0, [24.0, 32.0, 24.0, 32.0])):
+        head = make_head(log_wh=log_wh, center_point=center_point, size_prior=prior)
+        with torch.no_grad():
+            head.wh_head[-1].weight.zero_()
+            wh = head.wh_head(features)
+        offset = torch.zeros(1, 2, 16, 16)
+        (proposal,) = head.decode(heat, wh, offset, [(64, 64)])
+        if log_wh and prior == 0:  # exp(0): a width of one cell, or one cell to each side
+            expected = [22.0, 30.0, 26.0, 34.0] if center_point == "box" else [20, 28, 28, 36.0]
+        torch.testing.assert_close(proposal.proposal_boxes.tensor, torch.tensor([expected]))
+
+
 def test_built_from_config_with_the_authors_layers():
     cfg = get_cfg()
     add_objguided_config(cfg)

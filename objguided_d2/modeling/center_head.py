@@ -22,6 +22,7 @@ distances from ct to the box sides::
     (x1, y1, x2, y2) = (ct_int + offset - sides[:2], ct_int + offset + sides[2:]) * s
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -267,6 +268,7 @@ class CenterKeypointProposalGenerator(nn.Module):
         regression_loss: str = "l1",
         center_point: str = "box",
         log_wh: bool = False,
+        size_prior: float = 0.0,
         topk: int = 500,
         score_thresh: float = 0.3,
     ):
@@ -289,6 +291,8 @@ class CenterKeypointProposalGenerator(nn.Module):
                 ground truth), with a head for the distances to the four box sides.
             log_wh: the size head predicts the log of its sizes (regressed against the log of the
                 targets, decoded with exp) instead of the sizes (the authors).
+            size_prior: a typical object diameter (input pixels) at which the size head starts:
+                its output bias encodes that box; 0: a zero bias (the authors).
             topk: peaks decoded per image.
             score_thresh: minimum center score of a proposal.
         """
@@ -327,6 +331,13 @@ class CenterKeypointProposalGenerator(nn.Module):
         for head in (self.wh_head, self.offset_head):
             for conv in (head[0], head[-1]):
                 nn.init.zeros_(conv.bias)
+        if size_prior > 0:
+            # Adam moves a bias by about the learning rate per step: from zero, a short schedule
+            # never reaches sizes of several cells (widths and heights, or half of them for the
+            # distances to the four sides).
+            prior_cells = size_prior / stride / (1 if center_point == "box" else 2)
+            bias = math.log(prior_cells) if log_wh else prior_cells
+            nn.init.constant_(self.wh_head[-1].bias, bias)
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
@@ -352,6 +363,7 @@ class CenterKeypointProposalGenerator(nn.Module):
             "regression_loss": og.REGRESSION_LOSS,
             "center_point": og.CENTER_POINT,
             "log_wh": og.WH_LOG_SPACE,
+            "size_prior": cfg.INPUT.OBJECT_SIZE if og.WH_INIT_OBJECT_SIZE else 0.0,
             "topk": og.TOPK_CENTERS,
             "score_thresh": og.SCORE_THRESH_TEST,
         }
