@@ -84,6 +84,10 @@ def add_objguided_config(cfg: CN) -> None:
     # several to segment. 0: none (paper and authors).
     _C.KEYPOINT_GUIDANCE_SIGMA = 0.0
     _C.MASK_THRESH_TEST = 0.53       # threshold of the pasted-back masks (authors' default)
+    # At inference, replace each predicted box this many times by the tight box of the mask the
+    # branch segments from it, then segment from the result: the masks place and size the boxes
+    # better than a briefly trained detector. 0: the detector's boxes (paper and authors).
+    _C.BOX_REFINE_STEPS = 0
     # Paste-back: True, each pixel is the weighted mean of the ROI samples splatted onto it, the
     # canvas resized bilinearly to the original size; False, the authors' sum of the splatted
     # votes (below the mean wherever samples lie more than a pixel apart), resized by nearest
@@ -213,6 +217,7 @@ _VALID_VALUES = {
     "MODEL.OBJGUIDED.MASK_THRESH_TEST": (_fraction, "a probability in [0, 1]"),
     "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),
     "MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE": (_non_negative, "a count, or 0 for all"),
+    "MODEL.OBJGUIDED.BOX_REFINE_STEPS": (_non_negative, "a count, or 0 for none"),
     "MODEL.OBJGUIDED.TILE_SIZE": (_non_negative, "a side in pixels, or 0 for the test size"),
     "MODEL.OBJGUIDED.TILE_OVERLAP": (
         _non_negative,

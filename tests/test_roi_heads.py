@@ -15,6 +15,7 @@ from objguided_d2.modeling.mask_windows import MaskWindows
 from objguided_d2.modeling.point_sampling import point_counts, select_uncertain_points
 from objguided_d2.modeling.roi_crops import crop_masks, crop_rois
 from objguided_d2.modeling.roi_heads import GroupOutput, ObjGuidedROIHeads
+from objguided_d2.modeling.tiling import Placement
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,18 +41,22 @@ ROIS = [
 ]
 
 
-def make_heads(**kwargs) -> ObjGuidedROIHeads:
+def head_args(**kwargs) -> dict:
+    """Constructor arguments of heads on the CHANNELS / STRIDES maps of an unnormalized image."""
     args = dict(
         in_features=list(CHANNELS),
         in_channels=list(CHANNELS.values()),
         in_strides=list(STRIDES.values()),
         pixel_mean=[0.0] * 3,
         pixel_std=[1.0] * 3,
-        image_conv_channels=4,
-        instance_norm_affine=True,
     )
-    args.update(kwargs)
-    heads = ObjGuidedROIHeads(**args)
+    return {**args, **kwargs}
+
+
+def make_heads(**kwargs) -> ObjGuidedROIHeads:
+    heads = ObjGuidedROIHeads(
+        **head_args(**{"image_conv_channels": 4, "instance_norm_affine": True, **kwargs})
+    )
     with torch.no_grad():  # non-trivial affine parameters, so the masked norm must apply them
         for fusion in heads.fusions:
             for norm in (fusion.norm_low, fusion.norm_fuse):
@@ -489,14 +494,7 @@ def test_inference_pastes_each_proposal_mask_into_its_image(batch_rois):
         proposals.append(instances)
         roi_masks += [F.pad(o[1], (0, 96 - image_size[1], 0, 64 - image_size[0])) for o in mine]
     heads = OracleHeads(
-        in_features=list(CHANNELS),
-        in_channels=list(CHANNELS.values()),
-        in_strides=list(STRIDES.values()),
-        pixel_mean=[0.0] * 3,
-        pixel_std=[1.0] * 3,
-        mask_thresh_test=0.5,
-        detections_per_image=3,
-        batch_rois=batch_rois,
+        **head_args(mask_thresh_test=0.5, detections_per_image=3, batch_rois=batch_rois)
     ).eval()
     heads.roi_masks = torch.stack(roi_masks)
     images = ImageList(torch.zeros(2, 3, 64, 96), sizes)
@@ -520,6 +518,60 @@ def test_inference_pastes_each_proposal_mask_into_its_image(batch_rois):
     torch.testing.assert_close(second.scores, torch.sigmoid(torch.tensor([0.0, -1.0])))
     for mask, (_, gt, *_) in zip(second.pred_masks, [objects[6], objects[5]]):
         assert iou(mask, gt) > 0.85
+
+
+def test_box_refinement_segments_again_from_the_tight_boxes_of_the_masks():
+    """With one refinement step, each box is the tight box of the mask segmented from the
+    detector's box (at the network input), and the masks are segmented from it: an oversized box
+    shrinks to its object."""
+    size = (64, 96)
+    objects = [  # mask, proposal box
+        (rectangle(size, 8, 8, 32, 32), [4.0, 4.0, 40.0, 40.0]),  # box 1.5x too large
+        (disc(size, (60, 40), 10), [54.0, 32.0, 68.0, 46.0]),  # too small and off-centre
+    ]
+    proposals = Instances(size)
+    proposals.proposal_boxes = Boxes(torch.tensor([box for _, box in objects]))
+    proposals.objectness_logits = torch.tensor([2.0, 1.0])
+    proposals.pred_classes = torch.zeros(2, dtype=torch.int64)
+    images = ImageList(torch.zeros(1, 3, *size), [size])
+    results = {}
+    for steps in (0, 1):
+        heads = OracleHeads(**head_args(mask_thresh_test=0.5, box_refine_steps=steps)).eval()
+        heads.roi_masks = torch.stack([mask for mask, _ in objects])
+        (results[steps],), _ = heads(images, {}, [proposals])
+    detector, refined = results[0], results[1]
+    torch.testing.assert_close(detector.pred_boxes.tensor, proposals.proposal_boxes.tensor)
+    torch.testing.assert_close(refined.pred_boxes.tensor, detector.pred_masks.boxes)
+    torch.testing.assert_close(
+        refined.pred_boxes.tensor[0], torch.tensor([8.0, 8.0, 32.0, 32.0]), atol=1, rtol=0
+    )
+    assert iou(refined.pred_masks.to_masks()[0], objects[0][0]) > 0.95
+
+
+@pytest.mark.parametrize("box_refine_steps", [0, 1])
+def test_a_tile_is_segmented_from_its_own_features_and_pasted_where_it_lies(box_refine_steps):
+    """Predictions of inputs placed in larger images (tiles) are those of the inputs alone, moved
+    by the placement: the ROIs crop the tile's features, their masks land in the larger image."""
+    torch.manual_seed(0)
+    heads = make_heads(box_refine_steps=box_refine_steps).eval()
+    images, features = make_inputs()
+    with torch.no_grad():
+        alone, _ = heads(images, features, proposals_of_rois())
+        origins = [(13, 7), (0, 21)]  # (y, x)
+        larger = [(h + y + 5, w + x + 9) for (h, w), (y, x) in zip(IMAGE_SIZES, origins)]
+        placements = [Placement(o, hw) for o, hw in zip(origins, larger)]
+        placed, _ = heads(
+            images, features, proposals_of_rois(), output_sizes=larger, placements=placements
+        )
+    for own, tile, (h, w), (y, x) in zip(alone, placed, IMAGE_SIZES, origins):
+        assert len(own) > 0
+        torch.testing.assert_close(tile.scores, own.scores)
+        torch.testing.assert_close(
+            tile.pred_boxes.tensor, own.pred_boxes.tensor + torch.tensor([x, y, x, y])
+        )
+        # (a mask may reach past the tile's border, which clips it alone)
+        inside = tile.pred_masks.to_masks()[:, y : y + h, x : x + w]
+        assert torch.equal(inside, own.pred_masks.to_masks())
 
 
 def test_inference_without_proposals():

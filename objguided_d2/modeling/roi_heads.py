@@ -19,7 +19,7 @@ plain PyTorch layers (``grid_sample`` crops, ``F.interpolate``, ``nn.InstanceNor
 reference the batched path is tested against.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -103,6 +103,7 @@ class ObjGuidedROIHeads(nn.Module):
         mask_dice_weight: float = 0.0,
         keypoint_guidance_sigma: float = 0.0,
         mask_thresh_test: float = 0.53,
+        box_refine_steps: int = 0,
         paste_normalized: bool = True,
         mask_nms_thresh: float = 0.2,
         detections_per_image: int = 1000,
@@ -144,6 +145,9 @@ class ObjGuidedROIHeads(nn.Module):
                 ground-truth keypoints (``gt_interior_points``, else the box centres), inference
                 at the detector's (``proposal_keypoints``, else the box centres).
             mask_thresh_test: pasted value at or above which a pixel is foreground.
+            box_refine_steps: at inference, times each predicted box is replaced by the tight
+                box of the mask the branch segments from it (the box is kept where that mask is
+                empty) before the masks are segmented; 0: the detector's boxes (paper).
             paste_normalized: paste the masks back as the weighted mean of their samples, resized
                 bilinearly, or as the authors' summed votes, resized by nearest neighbour (see
                 :func:`.mask_windows.paste_mask_windows`).
@@ -182,6 +186,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.mask_dice_weight = mask_dice_weight
         self.keypoint_guidance_sigma = keypoint_guidance_sigma
         self.mask_thresh_test = mask_thresh_test
+        self.box_refine_steps = box_refine_steps
         self.paste_normalized = paste_normalized
         self.mask_nms_thresh = mask_nms_thresh
         self.detections_per_image = detections_per_image
@@ -246,6 +251,7 @@ class ObjGuidedROIHeads(nn.Module):
             "mask_dice_weight": og.MASK_DICE_WEIGHT,
             "keypoint_guidance_sigma": og.KEYPOINT_GUIDANCE_SIGMA,
             "mask_thresh_test": og.MASK_THRESH_TEST,
+            "box_refine_steps": og.BOX_REFINE_STEPS,
             "paste_normalized": og.PASTE_NORMALIZED,
             "mask_nms_thresh": og.MASK_NMS_THRESH,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
@@ -578,8 +584,9 @@ class ObjGuidedROIHeads(nn.Module):
         output_sizes: Sequence[tuple[int, int]],
         placements: Sequence[Placement],
     ) -> list[Instances]:
-        """Masks of the proposals, pasted at ``output_sizes`` of the images the inputs are
-        placed in, mask-NMSed and capped; each image's ``pred_masks`` are
+        """Masks of the proposals (their boxes first refined ``box_refine_steps`` times), pasted
+        at ``output_sizes`` of the images the inputs are placed in, mask-NMSed and capped; each
+        image's ``pred_boxes`` are the boxes segmented from and its ``pred_masks``
         :class:`.mask_windows.MaskWindows` of the kept masks' tight boxes."""
         boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
         keypoints = torch.cat(
@@ -587,13 +594,23 @@ class ObjGuidedROIHeads(nn.Module):
         )
         scores = torch.cat([p.objectness_logits.sigmoid() for p in proposals])
         classes = torch.cat([p.pred_classes for p in proposals])
+        batch_index = torch.cat(
+            [
+                torch.full((len(p),), i, dtype=torch.long, device=boxes.device)
+                for i, p in enumerate(proposals)
+            ]
+        )
         # With autograd off, inference mode skips the view and version tracking of each of the
         # branch's thousands of small operations. Its tensors stay inside: the returned fields
         # are ordinary tensors, which callers may modify in place.
         with torch.inference_mode(not torch.is_grad_enabled()):
+            level_maps = self.level_maps(images, features)
+            for _ in range(self.box_refine_steps):
+                boxes = self._refined_boxes(level_maps, batch_index, boxes, keypoints, images)
             kept_masks = self._kept_masks(
-                images, features, proposals, boxes, keypoints, scores, output_sizes, placements
+                level_maps, batch_index, boxes, keypoints, scores, output_sizes, placements
             )
+        boxes = boxes.clone()  # refined boxes are inference tensors
         results = []
         for placement, output_hw, (kept, windows, keep) in zip(
             placements, output_sizes, kept_masks
@@ -616,11 +633,61 @@ class ObjGuidedROIHeads(nn.Module):
         merged = Instances.cat(list(parts))
         return merged[mask_nms(merged.pred_masks, merged.scores, self.mask_nms_thresh)]
 
+    def _refined_boxes(
+        self,
+        level_maps: list[torch.Tensor],
+        batch_index: torch.Tensor,
+        boxes: torch.Tensor,
+        keypoints: torch.Tensor,
+        images: ImageList,
+    ) -> torch.Tensor:
+        """(R, 4) boxes -> the tight boxes of the masks segmented from them at the network input
+        (each box kept where its mask is empty or its ROI too small to segment)."""
+        refined = boxes.clone()
+        image_hw = images.image_sizes
+        pyramid = self.build_pyramid(boxes)
+        for _, indices, windows in self._pasted_masks(
+            level_maps, batch_index, pyramid, pyramid, keypoints, image_hw, image_hw
+        ):
+            found = windows.nonempty()
+            refined[indices[found]] = windows.boxes[found].to(refined.dtype)
+        return refined
+
+    def _pasted_masks(
+        self,
+        level_maps: list[torch.Tensor],
+        batch_index: torch.Tensor,
+        pyramid: RoiPyramid,
+        placed: RoiPyramid,
+        keypoints: torch.Tensor,
+        image_hws: Sequence[tuple[int, int]],
+        output_sizes: Sequence[tuple[int, int]],
+    ) -> Iterator[tuple[int, torch.Tensor, MaskWindows]]:
+        """Segment the ROIs of ``pyramid`` and paste their masks, ``placed`` in images of
+        ``image_hws`` (the same ROIs, translated where an input is a tile), at ``output_sizes``,
+        a few groups at a time: the branch's feature maps then grow with the groups' pixels, not
+        with all the ROIs' pixels. Yields (image, (K,) int64 ROI indices, their K masks'
+        windows), group by group."""
+        for chunk in _group_chunks(self.group(pyramid), self.max_inference_pixels):
+            outputs = self.segment(level_maps, batch_index, pyramid, chunk, keypoints)
+            for group, out in zip(chunk, outputs):
+                for image_index in batch_index[group.indices].unique().tolist():
+                    mine = batch_index[group.indices] == image_index
+                    indices = group.indices[mine]
+                    windows = paste_mask_windows(
+                        out.logits[mine].sigmoid(),
+                        placed[indices],
+                        image_hws[image_index],
+                        output_sizes[image_index],
+                        threshold=self.mask_thresh_test,
+                        normalize=self.paste_normalized,
+                    )
+                    yield image_index, indices, windows
+
     def _kept_masks(
         self,
-        images: ImageList,
-        features: dict[str, torch.Tensor],
-        proposals: list[Instances],
+        level_maps: list[torch.Tensor],
+        batch_index: torch.Tensor,
         boxes: torch.Tensor,
         keypoints: torch.Tensor,
         scores: torch.Tensor,
@@ -629,41 +696,24 @@ class ObjGuidedROIHeads(nn.Module):
     ) -> list[tuple[torch.Tensor, MaskWindows, torch.Tensor]]:
         """Per image: the kept ROIs ((K,) int64 indices into ``boxes``), the pasted masks'
         windows of all its ROIs and which of them are kept ((K,) int64). ``keypoints`` (R, 2):
-        the ROIs' keypoints."""
-        batch_index = torch.cat(
-            [
-                torch.full((len(p),), i, dtype=torch.long, device=boxes.device)
-                for i, p in enumerate(proposals)
-            ]
-        )
+        the ROIs' keypoints; ``batch_index`` (R,) their images."""
         pyramid = self.build_pyramid(boxes)
-        groups = self.group(pyramid)
-        level_maps = self.level_maps(images, features)
         # the ROIs in the images the inputs are placed in, where their masks are pasted
         origins = boxes.new_tensor([p.origin[::-1] for p in placements], dtype=torch.float64)
         placed = pyramid.translated(origins.view(-1, 2)[batch_index])
-        # per image, its ROIs and their masks' windows, group by group
-        image_rois = [[] for _ in images.image_sizes]
-        image_windows = [[] for _ in images.image_sizes]
-        # Segment a few groups at a time and keep only their masks' windows: the branch's
-        # feature maps then grow with the groups' pixels, not with all the ROIs' pixels.
-        for chunk in _group_chunks(groups, self.max_inference_pixels):
-            outputs = self.segment(level_maps, batch_index, pyramid, chunk, keypoints)
-            for group, out in zip(chunk, outputs):
-                for image_index in batch_index[group.indices].unique().tolist():
-                    mine = batch_index[group.indices] == image_index
-                    indices = group.indices[mine]
-                    image_rois[image_index].append(indices)
-                    image_windows[image_index].append(
-                        paste_mask_windows(
-                            out.logits[mine].sigmoid(),
-                            placed[indices],
-                            placements[image_index].image_hw,
-                            output_sizes[image_index],
-                            threshold=self.mask_thresh_test,
-                            normalize=self.paste_normalized,
-                        )
-                    )
+        image_rois = [[] for _ in placements]
+        image_windows = [[] for _ in placements]
+        for image_index, indices, windows in self._pasted_masks(
+            level_maps,
+            batch_index,
+            pyramid,
+            placed,
+            keypoints,
+            [p.image_hw for p in placements],
+            output_sizes,
+        ):
+            image_rois[image_index].append(indices)
+            image_windows[image_index].append(windows)
 
         kept_masks = []
         for output_hw, order, windows in zip(output_sizes, image_rois, image_windows):
