@@ -124,6 +124,27 @@ def test_masks_on_true_boxes_count_the_pixels_that_lie_on_neighbours(tmp_path):
     assert summary["iou_0.5"] < 1
 
 
+def test_masks_on_true_boxes_segment_from_the_true_boxes_whatever_the_box_refinement(tmp_path):
+    """A config that refines boxes from the masks at inference does not change what is measured:
+    each mask comes from its object's own box (the ROIs of twice the boxes, filled by the seg
+    head, would otherwise grow into their neighbours)."""
+    record = squares_record(tmp_path, [10, 16, 30, 50])
+    summaries = []
+    for steps in (0, 1):
+        opts = ["INPUT.IMAGE_SIZE", 128, "MODEL.OBJGUIDED.BOX_ENLARGE_TEST", 2.0]
+        cfg = objguided_cfg(compact=True, opts=opts + ["MODEL.OBJGUIDED.BOX_REFINE_STEPS", steps])
+        model = build_model(cfg).eval()
+        model.roi_heads.seg_head = lambda e1, valid=None: (
+            torch.full_like(e1[:, :1], 20.0) * (1 if valid is None else valid)
+        )
+        mapped = BioDatasetMapper(cfg, is_train=False)(record)
+        summaries.append(masks_on_true_boxes(model, [(record, mapped)]))
+        assert model.roi_heads.box_refine_steps == steps  # restored
+    refined, plain = ({k: v for k, v in s.items() if k != "by_size"} for s in summaries[::-1])
+    assert refined == plain
+    assert summaries[1]["by_size"][:3] == summaries[0]["by_size"][:3]  # the last bin is empty
+
+
 def test_the_tool_reports_the_masks_on_true_boxes(tmp_path, capsys):
     """tools/diagnose_detector.py with --masks-on-true-boxes on a registered dataset and a
     checkpoint: both summaries printed and written."""

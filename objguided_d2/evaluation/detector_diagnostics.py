@@ -101,8 +101,13 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
     """
     heads = model.roi_heads
     ious, sides, on_others = [], [], []
-    nms_thresh, cap = heads.mask_nms_thresh, heads.detections_per_image
+    nms_thresh, cap, refine_steps = (
+        heads.mask_nms_thresh,
+        heads.detections_per_image,
+        heads.box_refine_steps,
+    )
     heads.mask_nms_thresh = 1.0  # an IoU never exceeds 1: nothing is suppressed
+    heads.box_refine_steps = 0  # the masks of the true boxes themselves
     try:
         for record, mapped in inputs:
             images = model.preprocess_image([mapped])
@@ -133,6 +138,7 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
             sides.append((boxes[:, 2:] - boxes[:, :2]).prod(dim=1).sqrt())
     finally:
         heads.mask_nms_thresh, heads.detections_per_image = nms_thresh, cap
+        heads.box_refine_steps = refine_steps
     ious, side = torch.cat(ious).numpy(), torch.cat(sides).numpy()
 
     def iou_summary(rows: np.ndarray) -> dict:
