@@ -183,6 +183,24 @@ def test_compact_configs_share_data_input_schedule_and_mask_rois(dataset):
     )
 
 
+def test_make_compare_trains_the_three_architectures_at_the_demos_budget():
+    cfgs = {arch: _config(f"compact/dsb2018_mini_{arch}.yaml") for arch in ARCHITECTURES}
+    for arch, cfg in cfgs.items():
+        assert architecture_name(cfg) == ARCHITECTURES[arch]
+        assert cfg.DATASETS.TRAIN == ("dsb2018_mini_train",)
+        assert cfg.DATASETS.TEST == ("dsb2018_mini_val",)
+        assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
+    for key in (
+        "INPUT.SQUARE_CROP",
+        "INPUT.TEST_IMAGE_SIZE",
+        "SOLVER.MAX_ITER",
+        "SOLVER.STEPS",
+        "SOLVER.IMS_PER_BATCH",
+    ):
+        section, name = key.split(".")
+        assert len({str(cfg[section][name]) for cfg in cfgs.values()}) == 1, key
+
+
 def test_objguided_trains_as_the_authors_baselines_with_detectron2s_recipe():
     objguided, mask_rcnn = _config("neural_objguided.yaml"), _config("neural_mask_rcnn.yaml")
     assert objguided.SOLVER.OPTIMIZER == "ADAM"
