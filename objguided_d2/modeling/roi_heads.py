@@ -606,7 +606,9 @@ class ObjGuidedROIHeads(nn.Module):
         with torch.inference_mode(not torch.is_grad_enabled()):
             level_maps = self.level_maps(images, features)
             for _ in range(self.box_refine_steps):
-                boxes = self._refined_boxes(level_maps, batch_index, boxes, keypoints, images)
+                boxes = self._refined_boxes(
+                    level_maps, batch_index, boxes, keypoints, images.image_sizes
+                )
             kept_masks = self._kept_masks(
                 level_maps, batch_index, boxes, keypoints, scores, output_sizes, placements
             )
@@ -639,15 +641,15 @@ class ObjGuidedROIHeads(nn.Module):
         batch_index: torch.Tensor,
         boxes: torch.Tensor,
         keypoints: torch.Tensor,
-        images: ImageList,
+        image_hws: Sequence[tuple[int, int]],
     ) -> torch.Tensor:
-        """(R, 4) boxes -> the tight boxes of the masks segmented from them at the network input
-        (each box kept where its mask is empty or its ROI too small to segment)."""
+        """(R, 4) boxes -> the tight boxes of the masks segmented from them in the network inputs
+        of ``image_hws`` (each box kept where its mask is empty or its ROI too small to
+        segment)."""
         refined = boxes.clone()
-        image_hw = images.image_sizes
         pyramid = self.build_pyramid(boxes)
         for _, indices, windows in self._pasted_masks(
-            level_maps, batch_index, pyramid, pyramid, keypoints, image_hw, image_hw
+            level_maps, batch_index, pyramid, pyramid, keypoints, image_hws, image_hws
         ):
             found = windows.nonempty()
             refined[indices[found]] = windows.boxes[found].to(refined.dtype)
