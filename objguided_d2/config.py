@@ -93,6 +93,10 @@ def add_objguided_config(cfg: CN) -> None:
     # votes (below the mean wherever samples lie more than a pixel apart), resized by nearest
     # neighbour.
     _C.PASTE_NORMALIZED = True
+    # At inference, multiply each detection's keypoint score by its mask's confidence, the mean
+    # probability over the ROI pixels it segments (SOLOv2's "maskness"), so that masks the branch
+    # is unsure of rank below confident ones. False: the keypoint score alone (paper and authors).
+    _C.MASK_CONFIDENCE_SCORE = False
     _C.MASK_NMS_THRESH = 0.2         # mask IoU above which a lower-scored mask is suppressed
     # Network inputs with a side above TILE_SIZE (e.g. large images at INPUT.TEST_SCALE) are
     # segmented in overlapping tiles of that side; an object is kept from the tile whose core

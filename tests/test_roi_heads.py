@@ -548,6 +548,51 @@ def test_box_refinement_segments_again_from_the_tight_boxes_of_the_masks():
     assert iou(refined.pred_masks.to_masks()[0], objects[0][0]) > 0.95
 
 
+class SoftOracleHeads(OracleHeads):
+    """Oracle heads whose ROI probabilities are the crops of known soft masks."""
+
+    def segment(self, level_maps, batch_index, pyramid, groups, keypoints=None):
+        return [
+            out._replace(logits=torch.logit(out.e1.clamp(1e-6, 1 - 1e-6)))
+            for out in super().segment(level_maps, batch_index, pyramid, groups, keypoints)
+        ]
+
+
+@pytest.mark.parametrize("mask_confidence_score", [False, True])
+def test_mask_confidence_scales_the_scores_and_reorders_the_detections(mask_confidence_score):
+    """With the option, a detection scores its keypoint score times its mask's mean probability
+    over the pixels it segments: a confident mask of a lower keypoint score ranks first."""
+    size = (64, 96)
+    objects = [  # mask probability inside the object, proposal box, score logit
+        (0.6, [8.0, 8.0, 32.0, 32.0], 2.0),
+        (0.95, [50.0, 20.0, 74.0, 44.0], 1.0),
+    ]
+    proposals = Instances(size)
+    proposals.proposal_boxes = Boxes(torch.tensor([box for _, box, _ in objects]))
+    proposals.objectness_logits = torch.tensor([logit for *_, logit in objects])
+    proposals.pred_classes = torch.zeros(2, dtype=torch.int64)
+    heads = SoftOracleHeads(
+        **head_args(mask_thresh_test=0.5, mask_confidence_score=mask_confidence_score)
+    ).eval()
+    heads.roi_masks = torch.stack(
+        [p * rectangle(size, *[int(v) for v in box]).float() for p, box, _ in objects]
+    )
+    images = ImageList(torch.zeros(1, 3, *size), [size])
+
+    (result,), _ = heads(images, {}, [proposals])
+
+    keypoint_scores = torch.sigmoid(torch.tensor([logit for *_, logit in objects]))
+    if mask_confidence_score:
+        confidences = torch.tensor([p for p, *_ in objects])
+        expected = (keypoint_scores * confidences)[[1, 0]]  # 0.69 before 0.53
+        boxes = [objects[1][1], objects[0][1]]
+        torch.testing.assert_close(result.scores, expected, atol=0.01, rtol=0)
+    else:
+        boxes = [objects[0][1], objects[1][1]]
+        torch.testing.assert_close(result.scores, keypoint_scores)
+    torch.testing.assert_close(result.pred_boxes.tensor, torch.tensor(boxes))
+
+
 @pytest.mark.parametrize("box_refine_steps", [0, 1])
 def test_a_tile_is_segmented_from_its_own_features_and_pasted_where_it_lies(box_refine_steps):
     """Predictions of inputs placed in larger images (tiles) are those of the inputs alone, moved

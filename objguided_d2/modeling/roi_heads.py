@@ -105,6 +105,7 @@ class ObjGuidedROIHeads(nn.Module):
         mask_thresh_test: float = 0.53,
         box_refine_steps: int = 0,
         paste_normalized: bool = True,
+        mask_confidence_score: bool = False,
         mask_nms_thresh: float = 0.2,
         detections_per_image: int = 1000,
         max_train_rois_per_image: int = 0,
@@ -151,6 +152,9 @@ class ObjGuidedROIHeads(nn.Module):
             paste_normalized: paste the masks back as the weighted mean of their samples, resized
                 bilinearly, or as the authors' summed votes, resized by nearest neighbour (see
                 :func:`.mask_windows.paste_mask_windows`).
+            mask_confidence_score: at inference, score each detection by its keypoint score times
+                its mask's mean probability over the ROI pixels at or above
+                ``mask_thresh_test`` (0 for an empty mask); False: the keypoint score (paper).
             mask_nms_thresh: mask IoU above which a lower-scored mask is suppressed.
             detections_per_image: most masks returned per image.
             max_train_rois_per_image: GT instances per image segmented in training, drawn at
@@ -188,6 +192,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.mask_thresh_test = mask_thresh_test
         self.box_refine_steps = box_refine_steps
         self.paste_normalized = paste_normalized
+        self.mask_confidence_score = mask_confidence_score
         self.mask_nms_thresh = mask_nms_thresh
         self.detections_per_image = detections_per_image
         self.max_train_rois_per_image = max_train_rois_per_image
@@ -253,6 +258,7 @@ class ObjGuidedROIHeads(nn.Module):
             "mask_thresh_test": og.MASK_THRESH_TEST,
             "box_refine_steps": og.BOX_REFINE_STEPS,
             "paste_normalized": og.PASTE_NORMALIZED,
+            "mask_confidence_score": og.MASK_CONFIDENCE_SCORE,
             "mask_nms_thresh": og.MASK_NMS_THRESH,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "max_train_rois_per_image": og.MAX_TRAIN_ROIS_PER_IMAGE,
@@ -612,9 +618,10 @@ class ObjGuidedROIHeads(nn.Module):
             kept_masks = self._kept_masks(
                 level_maps, batch_index, boxes, keypoints, scores, output_sizes, placements
             )
-        boxes = boxes.clone()  # refined boxes are inference tensors
+        # refined boxes and the scores of the kept masks are inference tensors
+        boxes = boxes.clone()
         results = []
-        for placement, output_hw, (kept, windows, keep) in zip(
+        for placement, output_hw, (kept, windows, keep, kept_scores) in zip(
             placements, output_sizes, kept_masks
         ):
             (y0, x0), (height, width) = placement
@@ -622,7 +629,7 @@ class ObjGuidedROIHeads(nn.Module):
             scale = boxes.new_tensor([output_hw[1] / width, output_hw[0] / height]).repeat(2)
             instances = Instances(tuple(output_hw))
             instances.pred_boxes = Boxes((boxes[kept] + origin) * scale)
-            instances.scores = scores[kept]
+            instances.scores = kept_scores.clone()
             instances.pred_classes = classes[kept]
             instances.pred_masks = windows.tight(keep)
             results.append(instances)
@@ -648,7 +655,7 @@ class ObjGuidedROIHeads(nn.Module):
         segment)."""
         refined = boxes.clone()
         pyramid = self.build_pyramid(boxes)
-        for _, indices, windows in self._pasted_masks(
+        for _, indices, windows, _ in self._pasted_masks(
             level_maps, batch_index, pyramid, pyramid, keypoints, image_hws, image_hws
         ):
             found = windows.nonempty()
@@ -664,27 +671,31 @@ class ObjGuidedROIHeads(nn.Module):
         keypoints: torch.Tensor,
         image_hws: Sequence[tuple[int, int]],
         output_sizes: Sequence[tuple[int, int]],
-    ) -> Iterator[tuple[int, torch.Tensor, MaskWindows]]:
+    ) -> Iterator[tuple[int, torch.Tensor, MaskWindows, torch.Tensor]]:
         """Segment the ROIs of ``pyramid`` and paste their masks, ``placed`` in images of
         ``image_hws`` (the same ROIs, translated where an input is a tile), at ``output_sizes``,
         a few groups at a time: the branch's feature maps then grow with the groups' pixels, not
         with all the ROIs' pixels. Yields (image, (K,) int64 ROI indices, their K masks'
-        windows), group by group."""
+        windows, their (K,) :func:`mask_confidence`), group by group."""
         for chunk in _group_chunks(self.group(pyramid), self.max_inference_pixels):
             outputs = self.segment(level_maps, batch_index, pyramid, chunk, keypoints)
             for group, out in zip(chunk, outputs):
                 for image_index in batch_index[group.indices].unique().tolist():
                     mine = batch_index[group.indices] == image_index
                     indices = group.indices[mine]
+                    probs = out.logits[mine].sigmoid()
+                    confidence = mask_confidence(
+                        probs, out.valid_hw[mine, 0], self.mask_thresh_test
+                    )
                     windows = paste_mask_windows(
-                        out.logits[mine].sigmoid(),
+                        probs,
                         placed[indices],
                         image_hws[image_index],
                         output_sizes[image_index],
                         threshold=self.mask_thresh_test,
                         normalize=self.paste_normalized,
                     )
-                    yield image_index, indices, windows
+                    yield image_index, indices, windows, confidence
 
     def _kept_masks(
         self,
@@ -695,17 +706,19 @@ class ObjGuidedROIHeads(nn.Module):
         scores: torch.Tensor,
         output_sizes: Sequence[tuple[int, int]],
         placements: Sequence[Placement],
-    ) -> list[tuple[torch.Tensor, MaskWindows, torch.Tensor]]:
+    ) -> list[tuple[torch.Tensor, MaskWindows, torch.Tensor, torch.Tensor]]:
         """Per image: the kept ROIs ((K,) int64 indices into ``boxes``), the pasted masks'
-        windows of all its ROIs and which of them are kept ((K,) int64). ``keypoints`` (R, 2):
-        the ROIs' keypoints; ``batch_index`` (R,) their images."""
+        windows of all its ROIs, which of them are kept ((K,) int64) and the kept ones' (K,)
+        scores (``scores``, times the masks' confidences with ``mask_confidence_score``).
+        ``keypoints`` (R, 2): the ROIs' keypoints; ``batch_index`` (R,) their images."""
         pyramid = self.build_pyramid(boxes)
         # the ROIs in the images the inputs are placed in, where their masks are pasted
         origins = boxes.new_tensor([p.origin[::-1] for p in placements], dtype=torch.float64)
         placed = pyramid.translated(origins.view(-1, 2)[batch_index])
         image_rois = [[] for _ in placements]
         image_windows = [[] for _ in placements]
-        for image_index, indices, windows in self._pasted_masks(
+        image_scores = [[] for _ in placements]
+        for image_index, indices, windows, confidence in self._pasted_masks(
             level_maps,
             batch_index,
             pyramid,
@@ -716,16 +729,26 @@ class ObjGuidedROIHeads(nn.Module):
         ):
             image_rois[image_index].append(indices)
             image_windows[image_index].append(windows)
+            image_scores[image_index].append(
+                scores[indices] * confidence if self.mask_confidence_score else scores[indices]
+            )
 
         kept_masks = []
-        for output_hw, order, windows in zip(output_sizes, image_rois, image_windows):
+        for output_hw, order, windows, image_score in zip(
+            output_sizes, image_rois, image_windows, image_scores
+        ):
             if not windows:  # no ROI in this image
                 order.append(batch_index.new_zeros(0))
                 windows.append(MaskWindows.empty(output_hw, boxes.device))
-            order, windows = torch.cat(order), MaskWindows.cat(windows)
-            keep = mask_nms(windows, scores[order], self.mask_nms_thresh)
+                image_score.append(scores.new_zeros(0))
+            order, windows, image_score = (
+                torch.cat(order),
+                MaskWindows.cat(windows),
+                torch.cat(image_score),
+            )
+            keep = mask_nms(windows, image_score, self.mask_nms_thresh)
             keep = keep[: self.detections_per_image]
-            kept_masks.append((order[keep], windows, keep))
+            kept_masks.append((order[keep], windows, keep, image_score[keep]))
         return kept_masks
 
 
@@ -746,6 +769,13 @@ def _group_chunks(groups: Sequence[RoiGroup], max_pixels: int) -> list[list[RoiG
 def _keypoints(instances: Instances, field: str, boxes: Boxes) -> torch.Tensor:
     """(N, 2) (x, y) keypoints of the instances: their ``field``, else their boxes' centres."""
     return instances.get(field) if instances.has(field) else boxes.get_centers()
+
+
+def mask_confidence(probs: torch.Tensor, valid_hw: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(R,) mean probability of each ROI over its valid pixels at or above ``threshold`` (the
+    pixels it segments), 0 where there is none; probs (R, 1, Hp, Wp), valid_hw (R, 2) (h, w)."""
+    foreground = (probs >= threshold) & valid_mask(valid_hw, probs.shape[-2:])
+    return (probs * foreground).sum(dim=(1, 2, 3)) / foreground.sum(dim=(1, 2, 3)).clamp(min=1)
 
 
 def soft_dice_loss(logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
