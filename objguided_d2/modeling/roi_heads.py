@@ -671,12 +671,14 @@ class ObjGuidedROIHeads(nn.Module):
         keypoints: torch.Tensor,
         image_hws: Sequence[tuple[int, int]],
         output_sizes: Sequence[tuple[int, int]],
-    ) -> Iterator[tuple[int, torch.Tensor, MaskWindows, torch.Tensor]]:
+        with_confidence: bool = False,
+    ) -> Iterator[tuple[int, torch.Tensor, MaskWindows, torch.Tensor | None]]:
         """Segment the ROIs of ``pyramid`` and paste their masks, ``placed`` in images of
         ``image_hws`` (the same ROIs, translated where an input is a tile), at ``output_sizes``,
         a few groups at a time: the branch's feature maps then grow with the groups' pixels, not
         with all the ROIs' pixels. Yields (image, (K,) int64 ROI indices, their K masks'
-        windows, their (K,) :func:`mask_confidence`), group by group."""
+        windows, their (K,) :func:`mask_confidence` with ``with_confidence``, else None), group by
+        group."""
         for chunk in _group_chunks(self.group(pyramid), self.max_inference_pixels):
             outputs = self.segment(level_maps, batch_index, pyramid, chunk, keypoints)
             for group, out in zip(chunk, outputs):
@@ -684,9 +686,11 @@ class ObjGuidedROIHeads(nn.Module):
                     mine = batch_index[group.indices] == image_index
                     indices = group.indices[mine]
                     probs = out.logits[mine].sigmoid()
-                    confidence = mask_confidence(
-                        probs, out.valid_hw[mine, 0], self.mask_thresh_test
-                    )
+                    confidence = None
+                    if with_confidence:
+                        confidence = mask_confidence(
+                            probs, out.valid_hw[mine, 0], self.mask_thresh_test
+                        )
                     windows = paste_mask_windows(
                         probs,
                         placed[indices],
@@ -726,11 +730,12 @@ class ObjGuidedROIHeads(nn.Module):
             keypoints,
             [p.image_hw for p in placements],
             output_sizes,
+            with_confidence=self.mask_confidence_score,
         ):
             image_rois[image_index].append(indices)
             image_windows[image_index].append(windows)
             image_scores[image_index].append(
-                scores[indices] * confidence if self.mask_confidence_score else scores[indices]
+                scores[indices] if confidence is None else scores[indices] * confidence
             )
 
         kept_masks = []
