@@ -228,6 +228,7 @@ def test_two_gloo_processes_train_and_evaluate_together(datasets_root, tmp_path)
         "OUTPUT_DIR", tmp_path,
     )  # fmt: skip
     assert "World size: 2" in process.stdout
+    assert "is deprecated" not in process.stdout + process.stderr
     # Progress with an ETA once the first iterations are timed.
     assert "eta: 0:00:00  iter: 4 " in process.stdout
     assert checkpoint_iteration(tmp_path / "model_final.pth") == 4

@@ -5,6 +5,7 @@ dataset mapper (the paper's augmentations), the same optimizer choice (``SOLVER.
 the same evaluators (COCO, the paper's AP, biology metrics), so their numbers compare.
 """
 
+import inspect
 import itertools
 import json
 import logging
@@ -53,6 +54,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Each process keeps its own batch-norm statistics between steps, as in detectron2's trainer
+# (``broadcast_buffers=False``); torch 2.13 deprecates that flag for ``forward_sync_buffers``.
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 # Name of the JSON that :meth:`Trainer.test` writes for each test dataset, in
 # OUTPUT_DIR/inference/<dataset>/ (the evaluators' own outputs sit beside it).
@@ -212,7 +221,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
+        model = create_ddp_model(model, **_NO_FORWARD_BUFFER_SYNC)
         trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_class(model, data_loader, optimizer)
 
