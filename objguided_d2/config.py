@@ -78,10 +78,6 @@ def add_objguided_config(cfg: CN) -> None:
     # added to the mask BCE; 0: BCE alone (paper and authors). Dice is not swamped by the
     # background of a box that a thin object fills a few per cent of.
     _C.MASK_DICE_WEIGHT = 0.0
-    # Weight of the mask BCE on the pixels of other objects inside an ROI, as U-Net's weight map
-    # stresses the gaps between touching cells, so that a mask is penalised more for reaching
-    # onto a neighbour than onto background. 1: as every pixel (paper and authors).
-    _C.MASK_NEIGHBOUR_WEIGHT = 1.0
     # Keypoint guidance: a Gaussian at each ROI's keypoint (the detector's; the ground truth's in
     # training), of this width as a fraction of the ROI's side, added to its crops at every level
     # through a learned 1x1 projection, so that the branch knows which object of a box that holds
@@ -221,7 +217,6 @@ _VALID_VALUES = {
     "MODEL.OBJGUIDED.TRAIN_BOX_JITTER": (lambda j: 0 <= j < 1, "a fraction in [0, 1)"),
     "MODEL.OBJGUIDED.MIN_ROI_SIZE": (_positive, "a positive size in level cells"),
     "MODEL.OBJGUIDED.MASK_DICE_WEIGHT": (_non_negative, "a weight, 0 or more"),
-    "MODEL.OBJGUIDED.MASK_NEIGHBOUR_WEIGHT": (_non_negative, "a weight, 0 or more"),
     "MODEL.OBJGUIDED.KEYPOINT_GUIDANCE_SIGMA": (_non_negative, "a fraction, or 0 for none"),
     "MODEL.OBJGUIDED.MASK_THRESH_TEST": (_fraction, "a probability in [0, 1]"),
     "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),

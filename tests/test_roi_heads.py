@@ -329,24 +329,6 @@ def test_losses_average_per_roi_with_their_weights():
     assert losses["loss_refine"].item() == pytest.approx(3.0 * (softplus(-b) + 2 * softplus(b)) / 3)
 
 
-@pytest.mark.parametrize("neighbour_weight", [1.0, 3.0])
-def test_neighbour_weight_scales_the_bce_on_the_pixels_of_other_objects(neighbour_weight):
-    """ROI A's object covers the whole image, so every pixel of ROIs B and C (empty masks) lies
-    on another object and none of A's does: with constant logits c the mask loss is 2 * (sp(-c) +
-    2 * w * sp(c)) / 3."""
-    c = 0.7
-    heads = make_heads(mask_loss_weight=2.0, mask_neighbour_weight=neighbour_weight).train()
-    with torch.no_grad():
-        heads.seg_predictor.weight.zero_()
-        heads.seg_predictor.bias.fill_(c)
-    images, features = make_inputs()
-
-    _, losses = heads(images, features, [], [full_and_empty_rois_target()])
-
-    expected = 2.0 * (softplus(-c) + 2 * neighbour_weight * softplus(c)) / 3
-    assert losses["loss_mask"].item() == pytest.approx(expected)
-
-
 def test_soft_dice_loss_ignores_invalid_pixels_and_counts_thin_objects_fully():
     """0 for a confident exact prediction, 1 - 1 / (F + 1) for an all-background prediction of F
     foreground pixels, whatever lies outside the valid region; a 1-px line missed in a large
@@ -421,13 +403,9 @@ def test_degenerate_batches_give_finite_losses_and_grads_for_every_parameter(
 def test_max_train_rois_per_image_caps_the_rois():
     heads = make_heads(max_train_rois_per_image=2, refine_enabled=False).train()
     targets = targets_of_rois()
-    boxes, keypoints, batch_index, masks, foreground = heads._training_rois(targets, (96, 128))
+    boxes, keypoints, batch_index, masks = heads._training_rois(targets, (96, 128))
     assert batch_index.tolist() == [0, 0, 1, 1]
     assert masks.shape == (4, 96, 128)
-    for target, image_foreground in zip(targets, foreground):
-        h, w = target.image_size  # every mask of the image, the capped ones too
-        assert torch.equal(image_foreground[:h, :w], target.gt_masks.tensor.any(dim=0))
-        assert not image_foreground[h:].any() and not image_foreground[:, w:].any()
     for box, keypoint, image, mask in zip(boxes, keypoints, batch_index, masks):
         target = targets[image]
         match = (target.gt_boxes.tensor == box).all(dim=1).nonzero()[:, 0]
@@ -443,7 +421,7 @@ def test_training_rois_are_jittered_and_their_masks_kept():
     exact = make_heads(refine_enabled=False).train()._training_rois(targets, (96, 128))
     torch.manual_seed(0)
     heads = make_heads(train_box_jitter=0.2, refine_enabled=False).train()
-    boxes, keypoints, batch_index, masks, _ = heads._training_rois(targets, (96, 128))
+    boxes, keypoints, batch_index, masks = heads._training_rois(targets, (96, 128))
     assert torch.equal(keypoints, exact[1])  # the keypoints stay where the objects are
     assert torch.equal(batch_index, exact[2]) and torch.equal(masks, exact[3])
     sizes = exact[0][:, 2:] - exact[0][:, :2]

@@ -101,7 +101,6 @@ class ObjGuidedROIHeads(nn.Module):
         min_roi_size: float = 2.0,
         mask_loss_weight: float = 2.0,
         mask_dice_weight: float = 0.0,
-        mask_neighbour_weight: float = 1.0,
         keypoint_guidance_sigma: float = 0.0,
         mask_thresh_test: float = 0.53,
         box_refine_steps: int = 0,
@@ -140,8 +139,6 @@ class ObjGuidedROIHeads(nn.Module):
             mask_loss_weight: weight of the mask BCE.
             mask_dice_weight: weight of a soft Dice loss added to the mask BCE (0: none, as the
                 paper).
-            mask_neighbour_weight: weight of the mask BCE on the pixels of the ROI's other
-                objects (1: as on every pixel, the paper).
             keypoint_guidance_sigma: 0 (paper) or the width, as a fraction of the ROI's mean side,
                 of a Gaussian at each ROI's keypoint that a learned 1x1 projection adds to its
                 crops at every level (see :func:`.roi_crops.keypoint_maps`), so that the branch
@@ -191,7 +188,6 @@ class ObjGuidedROIHeads(nn.Module):
         self.min_roi_size = min_roi_size
         self.mask_loss_weight = mask_loss_weight
         self.mask_dice_weight = mask_dice_weight
-        self.mask_neighbour_weight = mask_neighbour_weight
         self.keypoint_guidance_sigma = keypoint_guidance_sigma
         self.mask_thresh_test = mask_thresh_test
         self.box_refine_steps = box_refine_steps
@@ -258,7 +254,6 @@ class ObjGuidedROIHeads(nn.Module):
             "min_roi_size": og.MIN_ROI_SIZE,
             "mask_loss_weight": og.MASK_LOSS_WEIGHT,
             "mask_dice_weight": og.MASK_DICE_WEIGHT,
-            "mask_neighbour_weight": og.MASK_NEIGHBOUR_WEIGHT,
             "keypoint_guidance_sigma": og.KEYPOINT_GUIDANCE_SIGMA,
             "mask_thresh_test": og.MASK_THRESH_TEST,
             "box_refine_steps": og.BOX_REFINE_STEPS,
@@ -493,12 +488,11 @@ class ObjGuidedROIHeads(nn.Module):
         """Mask BCE on the ground-truth boxes and, with refinement, the point-head BCE.
 
         ``loss_mask`` = weight * mean over ROIs of each ROI's mean BCE against its soft (bilinearly
-        cropped) ground truth, ``mask_neighbour_weight`` times as much on the pixels of other
-        objects, plus ``mask_dice_weight`` * its soft Dice loss; ``loss_refine`` =
+        cropped) ground truth plus ``mask_dice_weight`` * its soft Dice loss; ``loss_refine`` =
         weight * mean over ROIs and point heads of the mean BCE at the sampled points (authors'
         averaging).
         """
-        boxes, keypoints, batch_index, gt_masks, image_foreground = self._training_rois(
+        boxes, keypoints, batch_index, gt_masks = self._training_rois(
             targets, images.tensor.shape[-2:]
         )
         pyramid = self.build_pyramid(boxes)
@@ -510,19 +504,8 @@ class ObjGuidedROIHeads(nn.Module):
         for group, out in zip(groups, outputs):
             gt = crop_masks(gt_masks, pyramid[group.indices], group.pad_hw[0], group.indices)
             valid0 = valid_mask(out.valid_hw[:, 0], gt.shape[-2:]).to(gt.dtype)
-            weight = valid0
-            if self.mask_neighbour_weight != 1:
-                # the other objects' pixels: the image's foreground less the ROI's own object
-                foreground = crop_masks(
-                    image_foreground,
-                    pyramid[group.indices],
-                    group.pad_hw[0],
-                    batch_index[group.indices],
-                )
-                others = (foreground - gt).clamp(min=0)
-                weight = valid0 * (1 + (self.mask_neighbour_weight - 1) * others)
             bce = F.binary_cross_entropy_with_logits(out.logits, gt, reduction="none")
-            loss = (bce * weight).sum(dim=(1, 2, 3)) / valid0.sum(dim=(1, 2, 3))
+            loss = (bce * valid0).sum(dim=(1, 2, 3)) / valid0.sum(dim=(1, 2, 3))
             if self.mask_dice_weight > 0:
                 loss = loss + self.mask_dice_weight * soft_dice_loss(out.logits, gt, valid0)
             mask_losses.append(loss)
@@ -540,12 +523,11 @@ class ObjGuidedROIHeads(nn.Module):
 
     def _training_rois(
         self, targets: list[Instances], padded_hw: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ground-truth boxes (R, 4), their keypoints (R, 2), their image (R,), their masks (R, H,
-        W) bool and each image's foreground, the union of all its masks (B, H, W) bool, padded to
-        the batch's padded size; at most ``max_train_rois_per_image`` random ROIs per image, the
-        boxes (not the keypoints) jittered by ``train_box_jitter``."""
-        boxes, keypoints, batch_index, masks, foreground = [], [], [], [], []
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ground-truth boxes (R, 4), their keypoints (R, 2), their image (R,) and their masks
+        (R, H, W) bool, padded to the batch's padded size; at most ``max_train_rois_per_image``
+        random ones per image, the boxes (not the keypoints) jittered by ``train_box_jitter``."""
+        boxes, keypoints, batch_index, masks = [], [], [], []
         for image_index, target in enumerate(targets):
             keep = torch.arange(len(target), device=target.gt_boxes.device)
             if 0 < self.max_train_rois_per_image < len(target):
@@ -556,23 +538,16 @@ class ObjGuidedROIHeads(nn.Module):
                     "ObjGuidedROIHeads needs gt_masks as BitMasks (INPUT.MASK_FORMAT 'bitmask'), "
                     f"got {type(target.gt_masks).__name__}"
                 )
-            height, width = target.gt_masks.tensor.shape[1:]
-            padding = (0, padded_hw[1] - width, 0, padded_hw[0] - height)
+            image_masks = target.gt_masks.tensor[keep]
+            height, width = image_masks.shape[1:]
             boxes.append(target.gt_boxes.tensor[keep])
             keypoints.append(_keypoints(target, "gt_interior_points", target.gt_boxes)[keep])
             batch_index.append(torch.full_like(keep, image_index))
-            masks.append(F.pad(target.gt_masks.tensor[keep], padding))
-            foreground.append(F.pad(target.gt_masks.tensor.any(dim=0), padding))
+            masks.append(F.pad(image_masks, (0, padded_hw[1] - width, 0, padded_hw[0] - height)))
         boxes = torch.cat(boxes)
         if self.train_box_jitter > 0:
             boxes = jitter_boxes(boxes, self.train_box_jitter)
-        return (
-            boxes,
-            torch.cat(keypoints),
-            torch.cat(batch_index),
-            torch.cat(masks),
-            torch.stack(foreground),
-        )
+        return boxes, torch.cat(keypoints), torch.cat(batch_index), torch.cat(masks)
 
     def _refine_losses(self, out: GroupOutput, gt: torch.Tensor) -> list[torch.Tensor]:
         """Per-ROI mean BCE of each point head at the group's uncertain points (ROIs without a
