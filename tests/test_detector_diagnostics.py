@@ -18,7 +18,7 @@ from objguided_d2.data import BioDatasetMapper
 from objguided_d2.data.formats import mask_to_annotation
 from objguided_d2.data.transforms import ScaleShiftTransform
 from objguided_d2.evaluation import diagnose_detector, masks_on_true_boxes, summarize_detections
-from objguided_d2.evaluation.detector_diagnostics import _object_masks, _object_points
+from objguided_d2.evaluation.detector_diagnostics import _object_masks, _object_points, thin_parts
 from objguided_d2.modeling.roi_crops import crop_masks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -100,11 +100,28 @@ def test_masks_on_true_boxes_score_each_object_by_its_own_box(tmp_path, perfect)
     assert [row["objects"] for row in summary["by_size"]] == [2, 1, 1, 0]
     assert summary["mean_iou"] == (1.0 if perfect else 0.0)
     assert summary["iou_0.75"] == (1.0 if perfect else 0.0)
+    assert 0 < summary["thin_share"] < 0.5  # the squares' corners
     if perfect:
         assert summary["on_other_objects"] == 0.0
+        assert summary["thin_missed"] == summary["core_missed"] == 0.0
     else:  # no mask at all
         assert math.isnan(summary["on_other_objects"])
+        assert summary["thin_missed"] == summary["core_missed"] == 1.0
     assert heads.mask_nms_thresh == nms_thresh  # restored
+
+
+def test_thin_parts_are_the_protrusions_of_an_object():
+    """A 20 px square with a 2 px wide, 30 px long protrusion: the protrusion is thin, the
+    square's interior is not."""
+    mask = np.zeros((40, 70), bool)
+    mask[10:30, 10:30] = True
+    mask[19:21, 30:60] = True
+
+    thin = thin_parts(mask)
+
+    assert thin[19:21, 31:60].all()
+    assert not thin[12:28, 12:28].any()
+    assert not (thin & ~mask).any()
 
 
 def test_masks_on_true_boxes_count_the_pixels_that_lie_on_neighbours(tmp_path):

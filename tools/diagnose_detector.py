@@ -11,7 +11,8 @@ share of objects whose box centre lies on the object (see
 :mod:`objguided_d2.evaluation.detector_diagnostics`). A detection counts from
 ``--score-thresh`` (default: the model's MODEL.OBJGUIDED.SCORE_THRESH_TEST). With
 ``--masks-on-true-boxes``, also the mask branch alone: the IoU of each object's mask predicted
-from its ground-truth box with its true mask.
+from its ground-truth box with its true mask, and the shares of the objects' thin parts
+(protrusions a few pixels wide) and of the rest that those masks miss.
 """
 
 import argparse
@@ -23,6 +24,7 @@ from detectron2.modeling import build_model
 from objguided_d2.data import BioDatasetMapper
 from objguided_d2.engine import load_config, load_trained_weights_or_exit
 from objguided_d2.evaluation import diagnose_detector, masks_on_true_boxes
+from objguided_d2.evaluation.detector_diagnostics import THIN_PART_WIDTH
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +75,10 @@ def main(argv=None) -> dict:
         summary["masks_on_true_boxes"] = masks
         print(
             "masks predicted from the ground-truth boxes: IoU with the true masks; "
-            f"{masks['on_other_objects']:.3f} of their pixels lie on other objects"
+            f"{masks['on_other_objects']:.3f} of their pixels lie on other objects; they miss "
+            f"{masks['thin_missed']:.3f} of the objects' thin parts (under {THIN_PART_WIDTH} px "
+            f"wide, {masks['thin_share']:.3f} of their pixels) and {masks['core_missed']:.3f} of "
+            "the rest"
         )
         print_by_size(
             masks,

@@ -16,13 +16,15 @@ all and per object size; and, a property of the data, the share of objects whose
 lies on the object itself (not on background or a neighbour).
 
 :func:`masks_on_true_boxes` measures the mask branch alone, the detector bypassed: each object's
-mask predicted from its own ground-truth box, and its IoU with the object's mask.
+mask predicted from its own ground-truth box, its IoU with the object's mask, and how much of the
+object's thin parts (protrusions under ``THIN_PART_WIDTH`` px wide) and of the rest it misses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
@@ -32,13 +34,23 @@ from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 from ..data.formats import segmentation_to_rle
 from ..data.mapper import interior_points, tight_boxes
 
-__all__ = ["SIZE_BINS", "diagnose_detector", "masks_on_true_boxes", "summarize_detections"]
+__all__ = [
+    "SIZE_BINS",
+    "THIN_PART_WIDTH",
+    "diagnose_detector",
+    "masks_on_true_boxes",
+    "summarize_detections",
+    "thin_parts",
+]
 
 # Object sizes (sqrt of the box area, network-input pixels) the size ratios are reported for.
 SIZE_BINS = (0, 20, 40, 80, float("inf"))
 # Logit step between the scores that rank the objects of masks_on_true_boxes: sigmoid keeps
 # thousands of such steps apart in float32.
 RANK_STEP = 1e-3
+# Diameter (px, original image) of the disc whose morphological opening removes an object's thin
+# parts: protrusions narrower than this.
+THIN_PART_WIDTH = 5
 
 
 @torch.no_grad()
@@ -96,11 +108,16 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
     Returns:
         {"objects", "mean_iou", "iou_0.5", "iou_0.75" (shares of objects with an IoU of at
         least 0.5, 0.75), "on_other_objects" (mean over the non-empty masks of the share of
-        their pixels that lie on other objects), "by_size": [{"size": (lo, hi), "objects",
-        "mean_iou", "iou_0.5", "iou_0.75"}, ...]}, sizes as in :func:`diagnose_detector`.
+        their pixels that lie on other objects), "thin_share" (share of the objects' pixels in
+        thin parts, :func:`thin_parts`), "thin_missed" and "core_missed" (shares of the thin
+        parts' and of the other pixels that the masks miss; pixels pooled over all objects),
+        "by_size": [{"size": (lo, hi), "objects", "mean_iou", "iou_0.5", "iou_0.75"}, ...]},
+        sizes as in :func:`diagnose_detector`.
     """
     heads = model.roi_heads
     ious, sides, on_others = [], [], []
+    # pixels of thin parts and of the rest: [all, missed]
+    thin_pixels, core_pixels = np.zeros(2, np.int64), np.zeros(2, np.int64)
     nms_thresh, cap, refine_steps = (
         heads.mask_nms_thresh,
         heads.detections_per_image,
@@ -128,12 +145,18 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
             coverage = torch.stack(objects).sum(dim=0) if objects else None  # objects per pixel
             # a missing prediction (an ROI too small to segment, an empty mask) scores 0
             image_ious = torch.zeros(len(objects))
+            missed = [truth.numpy() for truth in objects]  # what no mask covers
             ranks = torch.round(-torch.logit(predicted.scores.double()) / RANK_STEP).long()
             for row, rank in enumerate(ranks.tolist()):
                 mask, truth = predicted.pred_masks.to_masks(torch.tensor([row]))[0], objects[rank]
                 image_ious[rank] = (mask & truth).sum() / (mask | truth).sum().clamp(min=1)
+                missed[rank] = (truth & ~mask).numpy()
                 if mask.any():
                     on_others.append(float((coverage[mask] > truth[mask]).float().mean()))
+            for truth, not_covered in zip(masks, missed):
+                thin = thin_parts(truth)
+                thin_pixels += [thin.sum(), (thin & not_covered).sum()]
+                core_pixels += [truth.sum() - thin.sum(), (~thin & not_covered).sum()]
             ious.append(image_ious)
             sides.append((boxes[:, 2:] - boxes[:, :2]).prod(dim=1).sqrt())
     finally:
@@ -154,11 +177,27 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
     return {
         **iou_summary(np.ones(len(ious), bool)),
         "on_other_objects": float(np.mean(on_others)) if on_others else float("nan"),
+        "thin_share": _share(thin_pixels[0], thin_pixels[0] + core_pixels[0]),
+        "thin_missed": _share(thin_pixels[1], thin_pixels[0]),
+        "core_missed": _share(core_pixels[1], core_pixels[0]),
         "by_size": [
             {"size": (lo, hi), **iou_summary((side >= lo) & (side < hi))}
             for lo, hi in zip(SIZE_BINS[:-1], SIZE_BINS[1:])
         ],
     }
+
+
+def thin_parts(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of an object's (H, W) mask in parts narrower than
+    ``THIN_PART_WIDTH`` px, those that a morphological opening with a disc of that diameter
+    removes (thin protrusions, and the corners of the rest)."""
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (THIN_PART_WIDTH, THIN_PART_WIDTH))
+    opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, disc).astype(bool)
+    return mask.astype(bool) & ~opened
+
+
+def _share(part: int, whole: int) -> float:
+    return float(part / whole) if whole else float("nan")
 
 
 def _input_boxes(record: dict, input_hw: Sequence[int]) -> torch.Tensor:
