@@ -68,12 +68,18 @@ def test_a_detector_that_predicts_its_targets_finds_every_object_at_its_size(
     assert summary["box_center_on_object"] == 1.0
 
 
-@pytest.mark.parametrize("perfect", [True, False], ids=["cropped-ground-truth", "empty"])
-def test_masks_on_true_boxes_score_each_object_by_its_own_box(tmp_path, perfect):
+@pytest.mark.parametrize(
+    "perfect, confidence_score",
+    [(True, False), (True, True), (False, False)],
+    ids=["cropped-ground-truth", "cropped-ground-truth-ranked-by-mask-confidence", "empty"],
+)
+def test_masks_on_true_boxes_score_each_object_by_its_own_box(tmp_path, perfect, confidence_score):
     """A mask branch whose logits are the ground truth cropped on each ROI's grid (the training
-    target) recovers every object from its own box, whatever its neighbours; one that predicts
-    nothing scores 0 for each."""
-    cfg = objguided_cfg(compact=True, opts=["INPUT.IMAGE_SIZE", 128])
+    target) recovers every object from its own box, whatever its neighbours and whether the
+    config ranks detections by their masks' confidence; one that predicts nothing scores 0 for
+    each."""
+    opts = ["INPUT.IMAGE_SIZE", 128, "MODEL.OBJGUIDED.MASK_CONFIDENCE_SCORE", confidence_score]
+    cfg = objguided_cfg(compact=True, opts=opts)
     model = build_model(cfg).eval()
     heads = model.roi_heads
     nms_thresh = heads.mask_nms_thresh
@@ -108,6 +114,7 @@ def test_masks_on_true_boxes_score_each_object_by_its_own_box(tmp_path, perfect)
         assert math.isnan(summary["on_other_objects"])
         assert summary["thin_missed"] == summary["core_missed"] == 1.0
     assert heads.mask_nms_thresh == nms_thresh  # restored
+    assert heads.mask_confidence_score == confidence_score
 
 
 def test_thin_parts_are_the_protrusions_of_an_object():

@@ -118,13 +118,15 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
     ious, sides, on_others = [], [], []
     # pixels of thin parts and of the rest: [all, missed]
     thin_pixels, core_pixels = np.zeros(2, np.int64), np.zeros(2, np.int64)
-    nms_thresh, cap, refine_steps = (
+    nms_thresh, cap, refine_steps, confidence_score = (
         heads.mask_nms_thresh,
         heads.detections_per_image,
         heads.box_refine_steps,
+        heads.mask_confidence_score,
     )
     heads.mask_nms_thresh = 1.0  # an IoU never exceeds 1: nothing is suppressed
     heads.box_refine_steps = 0  # the masks of the true boxes themselves
+    heads.mask_confidence_score = False  # the scores carry the objects' ranks
     try:
         for record, mapped in inputs:
             images = model.preprocess_image([mapped])
@@ -161,7 +163,7 @@ def masks_on_true_boxes(model: torch.nn.Module, inputs: Iterable[tuple[dict, dic
             sides.append((boxes[:, 2:] - boxes[:, :2]).prod(dim=1).sqrt())
     finally:
         heads.mask_nms_thresh, heads.detections_per_image = nms_thresh, cap
-        heads.box_refine_steps = refine_steps
+        heads.box_refine_steps, heads.mask_confidence_score = refine_steps, confidence_score
     ious, side = torch.cat(ious).numpy(), torch.cat(sides).numpy()
 
     def iou_summary(rows: np.ndarray) -> dict:
