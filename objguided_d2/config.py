@@ -97,6 +97,10 @@ def add_objguided_config(cfg: CN) -> None:
     # probability over the ROI pixels it segments (SOLOv2's "maskness"), so that masks the branch
     # is unsure of rank below confident ones. False: the keypoint score alone (paper and authors).
     _C.MASK_CONFIDENCE_SCORE = False
+    # At inference, keep each mask's largest 8-connected component only, so that the stray
+    # fragments a mask picks up on its neighbours (or on noise) do not count against it. False:
+    # every fragment (paper and authors).
+    _C.MASK_LARGEST_COMPONENT = False
     _C.MASK_NMS_THRESH = 0.2         # mask IoU above which a lower-scored mask is suppressed
     # Network inputs with a side above TILE_SIZE (e.g. large images at INPUT.TEST_SCALE) are
     # segmented in overlapping tiles of that side; an object is kept from the tile whose core

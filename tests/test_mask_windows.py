@@ -327,3 +327,22 @@ def test_windows_work_as_an_instances_field_and_read_as_full_masks():
     # one full mask at a time, or all as an array (detectron2's COCO JSON and Visualizer)
     assert all(torch.equal(mask, expected) for mask, expected in zip(moved, masks, strict=True))
     np.testing.assert_array_equal(np.asarray(moved), masks.numpy())
+
+
+def test_largest_components_keep_each_masks_largest_8_connected_part_and_its_box():
+    masks = torch.zeros(3, 20, 24, dtype=torch.bool)
+    masks[0, 2:8, 3:9] = True  # 36 px
+    masks[0, 8, 9] = True  # touches the square diagonally: the same component
+    masks[0, 12:15, 15:22] = True  # 21 px, apart
+    masks[1, 5:7, 5:7] = True  # one component: unchanged
+    # masks[2] empty
+    windows = _random_windows(masks, torch.Generator().manual_seed(0))
+
+    largest = windows.largest_components()
+
+    expected = masks.clone()
+    expected[0, 12:15, 15:22] = False
+    assert torch.equal(largest.to_masks(), expected)
+    torch.testing.assert_close(largest.boxes, mask_to_boxes(expected))
+    assert torch.equal(largest.tight().to_masks(), expected)
+    assert torch.equal(windows.to_masks(), masks)  # the input is left as it was

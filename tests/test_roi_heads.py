@@ -593,6 +593,39 @@ def test_mask_confidence_scales_the_scores_and_reorders_the_detections(mask_conf
     torch.testing.assert_close(result.pred_boxes.tensor, torch.tensor(boxes))
 
 
+@pytest.mark.parametrize("mask_largest_component", [False, True])
+def test_largest_component_drops_the_fragments_a_mask_has_beside_its_object(
+    mask_largest_component,
+):
+    """A mask with a stray fragment on a neighbour keeps it (paper) or, with the option, loses it
+    from its mask and its box; a mask of one piece is the same either way."""
+    size = (64, 96)
+    cell = rectangle(size, 10, 10, 30, 30)
+    stray = rectangle(size, 34, 12, 38, 16)  # 4 px to the right of the cell, inside its ROI
+    other = disc(size, (70, 40), 9)
+    proposals = Instances(size)
+    proposals.proposal_boxes = Boxes(
+        torch.tensor([[8.0, 8.0, 40.0, 32.0], [58.0, 28.0, 82.0, 52.0]])
+    )
+    proposals.objectness_logits = torch.tensor([2.0, 1.0])
+    proposals.pred_classes = torch.zeros(2, dtype=torch.int64)
+    heads = OracleHeads(
+        **head_args(mask_thresh_test=0.5, mask_largest_component=mask_largest_component)
+    ).eval()
+    heads.roi_masks = torch.stack([cell | stray, other])
+    images = ImageList(torch.zeros(1, 3, *size), [size])
+
+    (result,), _ = heads(images, {}, [proposals])
+
+    masks = result.pred_masks.to_masks()
+    expected = cell if mask_largest_component else cell | stray
+    assert iou(masks[0], expected) > 0.9
+    assert masks[0][stray].any() != mask_largest_component
+    x2 = result.pred_masks.boxes[0, 2].item()
+    assert (x2 <= 31) if mask_largest_component else (x2 >= 37)
+    assert iou(masks[1], other) > 0.9
+
+
 @pytest.mark.parametrize("box_refine_steps", [0, 1])
 def test_a_tile_is_segmented_from_its_own_features_and_pasted_where_it_lies(box_refine_steps):
     """Predictions of inputs placed in larger images (tiles) are those of the inputs alone, moved

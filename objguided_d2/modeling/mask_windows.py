@@ -5,7 +5,7 @@ writes the windows, mask NMS reads them, and the predictions carry the kept mask
 their tight boxes, so that memory grows with the objects' area, not with the image's area times
 their number. The evaluators and the exports read the windows; a caller that wants full-image
 masks asks for them (:meth:`MaskWindows.to_masks`, ``np.asarray``, iteration). Pure tensor code
-(no detectron2 types), batched over ROIs.
+(no detectron2 types), batched over ROIs; connected components alone run in SciPy.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .bilinear import linear_taps, tap_matrix
 from .roi_crops import RoiPyramid
@@ -106,6 +107,33 @@ class MaskWindows:
             pixels=torch.cat([self.pixels[:0], *crops]),
             origins=corner,
             shapes=shapes,
+            boxes=boxes,
+            image_hw=self.image_hw,
+        )
+
+    def largest_components(self) -> MaskWindows:
+        """Each mask reduced to its largest 8-connected component (the first in raster order
+        of equally large ones), in its own window, with its new tight box."""
+        pixels = self.pixels.cpu().numpy().copy()
+        boxes = self.boxes.clone()
+        for i, (start, (height, width)) in enumerate(
+            zip(self.offsets.tolist(), self.shapes.tolist())
+        ):
+            window = pixels[start : start + height * width].reshape(height, width)
+            labels, count = ndimage.label(window, structure=np.ones((3, 3), dtype=bool))
+            if count < 2:
+                continue
+            largest = np.bincount(labels.ravel())[1:].argmax() + 1
+            window &= labels == largest
+            rows, cols = np.nonzero(window)
+            y0, x0 = self.origins[i].tolist()
+            boxes[i] = boxes.new_tensor(
+                [x0 + cols.min(), y0 + rows.min(), x0 + cols.max() + 1, y0 + rows.max() + 1]
+            )
+        return MaskWindows(
+            pixels=torch.from_numpy(pixels).to(self.device),
+            origins=self.origins,
+            shapes=self.shapes,
             boxes=boxes,
             image_hw=self.image_hw,
         )

@@ -106,6 +106,7 @@ class ObjGuidedROIHeads(nn.Module):
         box_refine_steps: int = 0,
         paste_normalized: bool = True,
         mask_confidence_score: bool = False,
+        mask_largest_component: bool = False,
         mask_nms_thresh: float = 0.2,
         detections_per_image: int = 1000,
         max_train_rois_per_image: int = 0,
@@ -155,6 +156,9 @@ class ObjGuidedROIHeads(nn.Module):
             mask_confidence_score: at inference, score each detection by its keypoint score times
                 its mask's mean probability over the ROI pixels at or above
                 ``mask_thresh_test`` (0 for an empty mask); False: the keypoint score (paper).
+            mask_largest_component: at inference, keep each pasted mask's largest 8-connected
+                component only (before mask NMS; the box refinement sees whole masks); False:
+                every fragment (paper and authors).
             mask_nms_thresh: mask IoU above which a lower-scored mask is suppressed.
             detections_per_image: most masks returned per image.
             max_train_rois_per_image: GT instances per image segmented in training, drawn at
@@ -193,6 +197,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.box_refine_steps = box_refine_steps
         self.paste_normalized = paste_normalized
         self.mask_confidence_score = mask_confidence_score
+        self.mask_largest_component = mask_largest_component
         self.mask_nms_thresh = mask_nms_thresh
         self.detections_per_image = detections_per_image
         self.max_train_rois_per_image = max_train_rois_per_image
@@ -259,6 +264,7 @@ class ObjGuidedROIHeads(nn.Module):
             "box_refine_steps": og.BOX_REFINE_STEPS,
             "paste_normalized": og.PASTE_NORMALIZED,
             "mask_confidence_score": og.MASK_CONFIDENCE_SCORE,
+            "mask_largest_component": og.MASK_LARGEST_COMPONENT,
             "mask_nms_thresh": og.MASK_NMS_THRESH,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "max_train_rois_per_image": og.MAX_TRAIN_ROIS_PER_IMAGE,
@@ -732,6 +738,8 @@ class ObjGuidedROIHeads(nn.Module):
             output_sizes,
             with_confidence=self.mask_confidence_score,
         ):
+            if self.mask_largest_component:
+                windows = windows.largest_components()
             image_rois[image_index].append(indices)
             image_windows[image_index].append(windows)
             image_scores[image_index].append(
