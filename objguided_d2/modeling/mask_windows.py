@@ -125,11 +125,8 @@ class MaskWindows:
                 continue
             largest = np.bincount(labels.ravel())[1:].argmax() + 1
             window &= labels == largest
-            rows, cols = np.nonzero(window)
-            y0, x0 = self.origins[i].tolist()
-            boxes[i] = boxes.new_tensor(
-                [x0 + cols.min(), y0 + rows.min(), x0 + cols.max() + 1, y0 + rows.max() + 1]
-            )
+            tight = mask_to_boxes(torch.from_numpy(window)[None])[0]
+            boxes[i] = tight.to(boxes) + self.origins[i].flip(0).repeat(2).to(boxes)
         return MaskWindows(
             pixels=torch.from_numpy(pixels).to(self.device),
             origins=self.origins,
