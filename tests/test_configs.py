@@ -216,8 +216,7 @@ def test_objguided_trains_as_the_authors_baselines_with_detectron2s_recipe():
 
 def test_pointrend_configs_use_the_point_head_on_bitmasks():
     cfg = _config("plant_pointrend.yaml")
-    assert cfg.MODEL.ROI_HEADS.NAME == "PointRendROIHeads"
-    assert cfg.MODEL.ROI_MASK_HEAD.NAME == "PointRendMaskHead"
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME == "EmptyBatchPointRendMaskHead"
     assert cfg.MODEL.ROI_MASK_HEAD.POINT_HEAD_ON
     assert cfg.MODEL.POINT_HEAD.NUM_CLASSES == cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1
 

@@ -127,7 +127,7 @@ def architecture_name(cfg: CfgNode) -> str:
     if cfg.MODEL.META_ARCHITECTURE == "ObjGuidedSegmentor":
         return "ObjGuided"
     if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON:
-        return "PointRend" if cfg.MODEL.ROI_HEADS.NAME == "PointRendROIHeads" else "Mask R-CNN"
+        return "PointRend" if "PointRend" in cfg.MODEL.ROI_MASK_HEAD.NAME else "Mask R-CNN"
     return cfg.MODEL.META_ARCHITECTURE
 
 

@@ -5,4 +5,4 @@ Data flow of the mask branch: :mod:`.roi_crops` (ROI pyramids, groups, crops) ->
 :mod:`.mask_windows` (paste-back, mask NMS); :mod:`.point_sampling` trains the refinement.
 """
 
-from . import backbone, center_head, meta_arch, roi_heads  # noqa: F401
+from . import backbone, baselines, center_head, meta_arch, roi_heads  # noqa: F401
