@@ -49,6 +49,12 @@ def add_objguided_config(cfg: CN) -> None:
     # background), from which the size head predicts the distances to the box's left, top, right
     # and bottom sides. The box centre of a thin, branching cell usually lies on background.
     _C.CENTER_POINT = "box"
+    # What the detector learns of an object that the training crop cuts: "visible", the part in
+    # the crop, as if it were the whole object (paper and authors); "whole", the whole object's
+    # keypoint (no heatmap peak where it lies outside the crop) and only the box sides the crop
+    # keeps (no size target for a side it cuts off). A crop cuts most large objects, and their
+    # visible parts teach the size head boxes smaller than the whole objects it sees at test.
+    _C.CROPPED_OBJECTS = "visible"
     # The size head predicts the log of its sizes in output cells (True) or the sizes (False,
     # paper and authors).
     _C.WH_LOG_SPACE = False
@@ -210,6 +216,10 @@ _VALID_VALUES = {
     "SOLVER.DIVERGENCE_RATIO": (_non_negative, "a ratio, or 0 for no check"),
     "TEST.BIO_SCORE_THRESH": (_fraction, "a score in [0, 1]"),
     "MODEL.OBJGUIDED.CENTER_POINT": (lambda p: p in ("box", "interior"), "'box' or 'interior'"),
+    "MODEL.OBJGUIDED.CROPPED_OBJECTS": (
+        lambda what: what in ("visible", "whole"),
+        "'visible' or 'whole'",
+    ),
     "MODEL.OBJGUIDED.REGRESSION_LOSS": (
         lambda loss: loss in ("l1", "smooth_l1"),
         "'l1' or 'smooth_l1'",

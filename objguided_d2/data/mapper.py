@@ -119,7 +119,10 @@ class BioDatasetMapper:
     augmented mask keeps only its largest 4-connected component (the authors' code: a resized
     thin protrusion falls apart into fragments). Instances whose box is under
     ``min_instance_size`` px in width or height after the augmentations are dropped; crowd
-    annotations are ignored. "height"/"width" stay the original size, for mapping predictions back.
+    annotations are ignored. With ``whole_objects``, also gt_whole_boxes (Boxes: the whole
+    objects' boxes, reaching beyond the canvas where the augmentations cut an object) and, with
+    ``interior_points``, the whole objects' innermost pixels, possibly off the canvas, instead
+    of the visible parts'. "height"/"width" stay the original size, for mapping predictions back.
     """
 
     @configurable
@@ -132,6 +135,7 @@ class BioDatasetMapper:
         min_instance_size: int,
         largest_component: bool = False,
         interior_points: bool = False,
+        whole_objects: bool = False,
     ):
         """
         Args:
@@ -143,6 +147,8 @@ class BioDatasetMapper:
             largest_component: keep each mask's largest 4-connected component only.
             interior_points: add each instance's innermost pixel (the detector's keypoint with
                 ``MODEL.OBJGUIDED.CENTER_POINT "interior"``).
+            whole_objects: add the whole objects' boxes, and take the interior points of the
+                whole objects (``MODEL.OBJGUIDED.CROPPED_OBJECTS "whole"``).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -150,6 +156,7 @@ class BioDatasetMapper:
         self.min_instance_size = min_instance_size
         self.largest_component = largest_component
         self.interior_points = interior_points
+        self.whole_objects = whole_objects
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
@@ -160,6 +167,7 @@ class BioDatasetMapper:
             "min_instance_size": cfg.INPUT.MIN_INSTANCE_SIZE,
             "largest_component": cfg.INPUT.GT_LARGEST_COMPONENT,
             "interior_points": cfg.MODEL.OBJGUIDED.CENTER_POINT == "interior",
+            "whole_objects": cfg.MODEL.OBJGUIDED.CROPPED_OBJECTS == "whole",
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -183,6 +191,7 @@ class BioDatasetMapper:
         annotations = [a for a in annotations if not a.get("iscrowd", 0)]
         rles = [segmentation_to_rle(a["segmentation"], height, width) for a in annotations]
         classes = np.array([a["category_id"] for a in annotations], np.int64)
+        whole_boxes = np.zeros((0, 4), np.float32)
         if rles:
             # Instances whose box leaves the output canvas are never decoded.
             boxes = mask_util.toBbox(rles)
@@ -196,7 +205,14 @@ class BioDatasetMapper:
             )
             rles = [rle for rle, keep in zip(rles, inside) if keep]
             classes = classes[inside]
-        masks = self._transform_masks(rles, transforms, original_size, output_size)
+            whole_boxes = boxes[inside].astype(np.float32)
+        masks, whole_points = self._transform_masks(
+            rles,
+            transforms,
+            original_size,
+            output_size,
+            whole_points=self.interior_points and self.whole_objects,
+        )
         if self.largest_component:
             masks = largest_components(masks)
         boxes = tight_boxes(masks)
@@ -206,18 +222,32 @@ class BioDatasetMapper:
         instances.gt_boxes = Boxes(torch.from_numpy(boxes[keep]))
         instances.gt_classes = torch.from_numpy(classes[keep])
         instances.gt_masks = BitMasks(torch.from_numpy(masks[keep]))
+        if self.whole_objects:
+            instances.gt_whole_boxes = Boxes(torch.from_numpy(whole_boxes[keep]))
         if self.interior_points:
-            points = interior_points(masks[keep], boxes[keep])
+            if whole_points is None:
+                points = interior_points(masks[keep], boxes[keep])
+            else:
+                points = whole_points[keep]
             instances.gt_interior_points = torch.from_numpy(points)
         return instances
 
     @staticmethod
-    def _transform_masks(rles, transforms, original_size, output_size) -> np.ndarray:
-        """(N, H', W') bool masks of ``rles`` after ``transforms``."""
+    def _transform_masks(
+        rles, transforms, original_size, output_size, whole_points: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, H', W') bool masks of ``rles`` after ``transforms`` and, with ``whole_points``, the
+        (N, 2) float32 :func:`interior_points` of the masks before them, transformed (else None)."""
         chunk = max(1, _DECODE_BUDGET_BYTES // (original_size[0] * original_size[1]))
         warped = [np.zeros((0, *output_size), bool)]
+        points = [np.zeros((0, 2), np.float32)]
         for start in range(0, len(rles), chunk):
             decoded = mask_util.decode(rles[start : start + chunk])  # (H, W, n), Fortran order
             masks = transforms.apply_segmentation(decoded)  # (H', W', n)
             warped.append(masks.transpose(2, 0, 1).astype(bool))
-        return np.concatenate(warped)
+            if whole_points:
+                whole = decoded.transpose(2, 0, 1).view(bool)
+                points.append(transforms.apply_coords(interior_points(whole, tight_boxes(whole))))
+        return np.concatenate(warped), (
+            np.concatenate(points).astype(np.float32) if whole_points else None
+        )

@@ -20,6 +20,10 @@ distances from ct to the box sides::
 
     sides = (ct_x - x1 / s, ct_y - y1 / s, x2 / s - ct_x, y2 / s - ct_y)   left, top, right, bottom
     (x1, y1, x2, y2) = (ct_int + offset - sides[:2], ct_int + offset + sides[2:]) * s
+
+With ``cropped_objects="whole"``, the targets are those of the whole objects (``gt_whole_boxes``
+and the whole objects' interior points, from the mapper), and a size that a side beyond the
+training canvas enters (the crop cut it off) is not regressed.
 """
 
 import math
@@ -119,6 +123,7 @@ class CenterTargets(NamedTuple):
     # to the box's left, top, right, bottom sides; in output cells
     sizes: torch.Tensor
     offset: torch.Tensor  # (M, 2) sub-cell centre offset in [0, 1)
+    size_weights: torch.Tensor  # (M, 2 or 4) 1 for a size the size head regresses, else 0
 
 
 def encode_center_targets(
@@ -129,6 +134,7 @@ def encode_center_targets(
     stride: int,
     min_overlap: float,
     points: torch.Tensor | None = None,
+    cut_sides: torch.Tensor | None = None,
 ) -> CenterTargets:
     """Encode boxes as CenterNet targets (convention in the module docstring).
 
@@ -140,6 +146,8 @@ def encode_center_targets(
         stride: input pixels per output cell.
         min_overlap: IoU that fixes the Gaussian radius (see :func:`gaussian_radius`).
         points: (N, 2) interior keypoints (x, y) in network-input pixels; None: box centres.
+        cut_sides: (N, 4) bool, the box sides (left, top, right, bottom) that lie beyond the
+            training canvas: the sizes they enter are not regressed. None: none.
     """
     _, _, height, width = heatmap_shape
     boxes = boxes.float() / stride
@@ -150,6 +158,11 @@ def encode_center_targets(
     else:
         centers = points.float() / stride
         sizes = torch.cat([centers - boxes[:, :2], boxes[:, 2:] - centers], dim=1)
+    if cut_sides is None:
+        cut_sides = torch.zeros(len(boxes), 4, dtype=torch.bool, device=boxes.device)
+    if points is None:  # a width needs both its sides, a height too
+        cut_sides = cut_sides[:, :2] | cut_sides[:, 2:]
+    size_weights = (~cut_sides).float()
     centers_int = centers.floor().long()
     inside = (
         (centers_int[:, 0] >= 0)
@@ -158,13 +171,14 @@ def encode_center_targets(
         & (centers_int[:, 1] < height)
     )
     centers, sizes, centers_int = centers[inside], sizes[inside], centers_int[inside]
+    size_weights = size_weights[inside]
     classes, batch_index, box_sizes = classes[inside], batch_index[inside], box_sizes[inside]
 
     radii = gaussian_radius(box_sizes[:, 1].ceil(), box_sizes[:, 0].ceil(), min_overlap)
     radii = radii.long().clamp(min=0)  # .long() truncates like the authors' int()
     heatmap = draw_gaussians(heatmap_shape, batch_index, classes, centers_int, radii)
     index = (batch_index * height + centers_int[:, 1]) * width + centers_int[:, 0]
-    return CenterTargets(heatmap, index, sizes, centers - centers_int)
+    return CenterTargets(heatmap, index, sizes, centers - centers_int, size_weights)
 
 
 def center_focal_loss(
@@ -233,6 +247,14 @@ def decode_centers(
     return logits, classes, boxes.transpose(1, 2), (centers * stride).transpose(1, 2)
 
 
+def _beyond_canvas(boxes: torch.Tensor, canvas_hw: tuple[int, int]) -> torch.Tensor:
+    """(N, 4) bool: which sides (left, top, right, bottom) of the XYXY boxes lie beyond a canvas
+    of ``canvas_hw``."""
+    height, width = canvas_hw
+    x1, y1, x2, y2 = boxes.unbind(dim=1)
+    return torch.stack([x1 < 0, y1 < 0, x2 > width, y2 > height], dim=1)
+
+
 def _two_conv_head(
     in_channels: int, hidden: int, out_channels: int, first_kernel: int, last_kernel: int
 ) -> nn.Sequential:
@@ -267,6 +289,7 @@ class CenterKeypointProposalGenerator(nn.Module):
         loss_weights: dict[str, float] | None = None,
         regression_loss: str = "l1",
         center_point: str = "box",
+        cropped_objects: str = "visible",
         log_wh: bool = False,
         size_prior: float = 0.0,
         topk: int = 500,
@@ -289,6 +312,9 @@ class CenterKeypointProposalGenerator(nn.Module):
             center_point: an object's keypoint: "box", its box centre, with a width-height size
                 head (paper); "interior", its innermost pixel (``gt_interior_points`` of the
                 ground truth), with a head for the distances to the four box sides.
+            cropped_objects: "visible": an object that the training crop cuts is its visible
+                part (``gt_boxes``; paper and authors); "whole": the whole object
+                (``gt_whole_boxes``), its sizes regressed only where the crop keeps both sides.
             log_wh: the size head predicts the log of its sizes (regressed against the log of the
                 targets, decoded with exp) instead of the sizes (the authors).
             size_prior: a typical object diameter (input pixels) at which the size head starts:
@@ -314,7 +340,13 @@ class CenterKeypointProposalGenerator(nn.Module):
         self.focal_beta = focal_beta
         self.loss_weights = loss_weights or {}
         self.regression_loss = regression_loss
+        if cropped_objects not in ("visible", "whole"):
+            raise ValueError(
+                "MODEL.OBJGUIDED.CROPPED_OBJECTS must be 'visible' or 'whole', "
+                f"got {cropped_objects!r}"
+            )
         self.center_point = center_point
+        self.cropped_objects = cropped_objects
         self.log_wh = log_wh
         self.topk = topk
         self.score_thresh = score_thresh
@@ -362,6 +394,7 @@ class CenterKeypointProposalGenerator(nn.Module):
             },
             "regression_loss": og.REGRESSION_LOSS,
             "center_point": og.CENTER_POINT,
+            "cropped_objects": og.CROPPED_OBJECTS,
             "log_wh": og.WH_LOG_SPACE,
             "size_prior": cfg.INPUT.OBJECT_SIZE if og.WH_INIT_OBJECT_SIZE else 0.0,
             "topk": og.TOPK_CENTERS,
@@ -404,7 +437,19 @@ class CenterKeypointProposalGenerator(nn.Module):
         self, gt_instances: list[Instances], heatmap_shape: tuple[int, int, int, int]
     ) -> CenterTargets:
         """Targets of the first ``max_objects`` ground-truth instances of each image."""
-        boxes = [inst.gt_boxes.tensor[: self.max_objects] for inst in gt_instances]
+        cut_sides = None
+        if self.cropped_objects == "whole":
+            if not all(inst.has("gt_whole_boxes") for inst in gt_instances):
+                raise ValueError(
+                    "MODEL.OBJGUIDED.CROPPED_OBJECTS 'whole' needs gt_whole_boxes in the training "
+                    "instances (BioDatasetMapper adds them with this key)"
+                )
+            boxes = [inst.gt_whole_boxes.tensor[: self.max_objects] for inst in gt_instances]
+            cut_sides = torch.cat(
+                [_beyond_canvas(b, inst.image_size) for b, inst in zip(boxes, gt_instances)]
+            )
+        else:
+            boxes = [inst.gt_boxes.tensor[: self.max_objects] for inst in gt_instances]
         points = None
         if self.center_point == "interior":
             points = torch.cat([i.gt_interior_points[: self.max_objects] for i in gt_instances])
@@ -423,6 +468,7 @@ class CenterKeypointProposalGenerator(nn.Module):
             self.stride,
             self.gaussian_min_overlap,
             points,
+            cut_sides,
         )
 
     def losses(
@@ -438,7 +484,9 @@ class CenterKeypointProposalGenerator(nn.Module):
             "loss_heatmap": center_focal_loss(
                 heatmap_logits, targets.heatmap, self.focal_alpha, self.focal_beta
             ),
-            "loss_wh": self._regression_loss(wh, targets.index, self.wh_target(targets.sizes)),
+            "loss_wh": self._regression_loss(
+                wh, targets.index, self.wh_target(targets.sizes), targets.size_weights
+            ),
             "loss_offset": self._regression_loss(offset, targets.index, targets.offset),
         }
         return {name: loss * self.loss_weights.get(name, 1.0) for name, loss in losses.items()}
@@ -449,16 +497,23 @@ class CenterKeypointProposalGenerator(nn.Module):
         return sizes.clamp(min=1e-2).log() if self.log_wh else sizes
 
     def _regression_loss(
-        self, prediction: torch.Tensor, index: torch.Tensor, target: torch.Tensor
+        self,
+        prediction: torch.Tensor,
+        index: torch.Tensor,
+        target: torch.Tensor,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean over elements of the (smooth) L1 between the (B, D, H, W) map at the flat cell
-        ``index`` (M,) and ``target`` (M, D); 0, still in the graph, when M = 0."""
+        """Mean over the elements of weight 1 (all without ``weights`` (M, D)) of the (smooth)
+        L1 between the (B, D, H, W) map at the flat cell ``index`` (M,) and ``target`` (M, D);
+        0, still in the graph, when there is none."""
         at_centers = prediction.float().permute(0, 2, 3, 1).flatten(0, 2)[index]
         if self.regression_loss == "smooth_l1":
-            loss = F.smooth_l1_loss(at_centers, target, reduction="sum", beta=1.0)
+            loss = F.smooth_l1_loss(at_centers, target, reduction="none", beta=1.0)
         else:
-            loss = F.l1_loss(at_centers, target, reduction="sum")
-        return loss / max(target.numel(), 1)
+            loss = F.l1_loss(at_centers, target, reduction="none")
+        if weights is None:
+            return loss.sum() / max(target.numel(), 1)
+        return (loss * weights).sum() / weights.sum().clamp(min=1)
 
     def decode(
         self,
