@@ -121,6 +121,47 @@ def test_boxes_centred_outside_the_map_get_no_target():
     assert targets.heatmap.count_nonzero() == 9
 
 
+def test_sizes_that_a_cut_side_enters_are_not_regressed():
+    boxes = torch.tensor([[-8.0, 16.0, 24.0, 48.0], [16.0, 16.0, 48.0, 72.0]])
+    cut = torch.tensor([[True, False, False, False], [False, False, False, True]])
+    zero = torch.zeros(2, dtype=torch.int64)
+    points = torch.tensor([[4.5, 30.5], [30.5, 30.5]])
+    sides = encode_center_targets(boxes, zero, zero, (1, 1, 16, 16), 4, 0.7, points, cut)
+    assert sides.size_weights.tolist() == [[0, 1, 1, 1], [1, 1, 1, 0]]
+    sizes = encode_center_targets(boxes, zero, zero, (1, 1, 16, 16), 4, 0.7, None, cut)
+    assert sizes.size_weights.tolist() == [[0, 1], [1, 0]]  # width, height
+    assert encode_one([[17, 18, 47, 50]], [0]).size_weights.tolist() == [[1, 1]]
+
+
+@pytest.mark.parametrize("center_point", ["box", "interior"])
+def test_whole_objects_train_the_kept_sides_and_the_whole_keypoint(center_point):
+    """A box the crop cut on the left (visible x from 0, whole from -16): with
+    cropped_objects="whole" the heatmap peaks at the whole object's keypoint, and a wrong left
+    side (interior keypoint) or width (box centre) costs nothing, a wrong top or height does."""
+    head = make_head(center_point=center_point, cropped_objects="whole")
+    instances = gt((64, 64), [[0, 16, 32, 48]], [0])
+    instances.gt_whole_boxes = Boxes(torch.tensor([[-16.0, 16.0, 32.0, 48.0]]))
+    instances.gt_interior_points = torch.tensor([[12.5, 24.5]])
+    targets = head.encode([instances], (1, 2, 16, 16))
+    # (x, y) cells: the keypoint (12.5, 24.5) / 4; the whole box's centre (8, 32) / 4 (the
+    # visible box's would be (16, 32) / 4)
+    x, y = (3, 6) if center_point == "interior" else (2, 8)
+    assert targets.index.tolist() == [y * 16 + x]
+    heat, offset = torch.zeros(1, 2, 16, 16), torch.zeros(1, 2, 16, 16)
+    right = torch.zeros(1, len(targets.sizes[0]), 16, 16)
+    right[0, :, y, x] = targets.sizes[0]
+    losses = []
+    for channel in (0, 1):
+        wrong = right.clone()
+        wrong[0, channel, y, x] += 5.0
+        losses.append(head.losses(heat, wrong, offset, [instances])["loss_wh"].item())
+    assert losses[0] == 0 and losses[1] > 0
+    with pytest.raises(ValueError, match="gt_whole_boxes"):
+        head.encode([gt((64, 64), [[0, 16, 32, 48]], [0])], (1, 2, 16, 16))
+    with pytest.raises(ValueError, match="CROPPED_OBJECTS.*'all'"):
+        make_head(cropped_objects="all")
+
+
 def test_focal_loss_hand_computed():
     logits = torch.tensor([0.0, math.log(3), -math.log(3)]).view(1, 1, 1, 3)
     target = torch.tensor([1.0, 0.5, 0.0]).view(1, 1, 1, 3)

@@ -75,6 +75,7 @@ def test_every_config_default_has_a_comment():
         ),
         ("INPUT.TEST_RESIZE", "squash", "INPUT.TEST_RESIZE is 'squash'; expected 'fit' or"),
         ("MODEL.OBJGUIDED.MASK_THRESH_TEST", "1.5", "MASK_THRESH_TEST is 1.5; expected a prob"),
+        ("MODEL.OBJGUIDED.CROPPED_OBJECTS", "all", "CROPPED_OBJECTS is 'all'; expected 'visible'"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_key(key, value, message):

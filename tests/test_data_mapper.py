@@ -37,6 +37,7 @@ def make_mapper(
     min_size=2,
     largest_component=False,
     interior_points=False,
+    whole_objects=False,
 ):
     return BioDatasetMapper(
         is_train,
@@ -45,6 +46,7 @@ def make_mapper(
         min_instance_size=min_size,
         largest_component=largest_component,
         interior_points=interior_points,
+        whole_objects=whole_objects,
     )
 
 
@@ -272,6 +274,35 @@ def test_interior_points_lie_in_the_cell_body_not_at_the_box_centre(tmp_path):
     assert 44 <= x <= 46 and y >= 44 and y < 60  # 5 px from the sides and the canvas edge
     assert instances.gt_masks.tensor[1, int(y), int(x)]
     assert not make_mapper([identity])(record)["instances"].has("gt_interior_points")
+
+
+def test_whole_objects_keep_the_box_and_keypoint_that_the_crop_cuts_off(tmp_path):
+    """A crop that cuts off a cell's body: its box and keypoint stay those of the whole cell,
+    beyond the canvas (the visible part's keypoint lies on the protrusion); a cell the crop
+    keeps whole is unchanged; a flip mirrors the whole boxes and keypoints too."""
+    cut = np.zeros((64, 64), bool)
+    cut[10:21, 4:15] = True  # 11 x 11 body centred on pixel (9, 15), left of the crop
+    cut[14:17, 15:60] = True  # protrusion to the right, 3 px wide, visible from column 20
+    kept = np.zeros((64, 64), bool)
+    kept[40:51, 30:41] = True
+    annotations = [mask_to_annotation(cut), mask_to_annotation(kept)]
+    record = make_record(tmp_path / "cells.png", np.zeros((64, 64), np.uint8), annotations)
+    crop = ScaleShiftTransform(1.0, 1.0, -20.0, 0.0, 64, 64)  # input columns 20..83
+
+    visible = make_mapper([crop], interior_points=True)(record)["instances"]
+    whole = make_mapper([crop], interior_points=True, whole_objects=True)(record)["instances"]
+    assert not visible.has("gt_whole_boxes")
+    assert torch.equal(whole.gt_boxes.tensor, visible.gt_boxes.tensor)
+    assert whole.gt_boxes.tensor.tolist() == [[0, 14, 40, 17], [10, 40, 21, 51]]
+    assert whole.gt_whole_boxes.tensor.tolist() == [[-16, 10, 40, 21], [10, 40, 21, 51]]
+    assert visible.gt_interior_points[0, 0] >= 0  # on the visible protrusion
+    assert whole.gt_interior_points.tolist() == [[-10.5, 15.5], [15.5, 45.5]]  # the body, cut off
+    assert visible.gt_interior_points[1].tolist() == [15.5, 45.5]
+
+    flip = make_mapper([crop, T.HFlipTransform(64)], interior_points=True, whole_objects=True)
+    flipped = flip(record)["instances"]
+    assert flipped.gt_whole_boxes.tensor.tolist() == [[24, 10, 80, 21], [43, 40, 54, 51]]
+    assert flipped.gt_interior_points.tolist() == [[74.5, 15.5], [48.5, 45.5]]
 
 
 def test_crowd_annotations_are_ignored_and_polygons_read(tmp_path):

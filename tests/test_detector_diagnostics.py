@@ -64,6 +64,8 @@ def test_a_detector_that_predicts_its_targets_finds_every_object_at_its_size(
     assert summary["images"] == 1 and summary["objects"] == 4 and summary["matched"] == 4
     assert summary["detections_per_image"] == 4 and summary["center_recall"] == 1.0
     assert summary["median_width_ratio"] == pytest.approx(1.0)
+    assert summary["median_head_width_ratio"] == pytest.approx(1.0)
+    assert summary["median_head_height_ratio"] == pytest.approx(1.0)
     assert [row["objects"] for row in summary["by_size"]] == [2, 1, 1, 0]
     assert summary["box_center_on_object"] == 1.0
 
@@ -198,7 +200,11 @@ def test_summary_of_undersized_and_missed_objects():
     gt_sizes = torch.tensor([[10.0, 10.0], [30.0, 20.0], [50.0, 50.0], [100.0, 100.0]])
     nan = float("nan")
     pred_sizes = torch.tensor([[9.0, 8.0], [27.0, 18.0], [nan, nan], [90.0, 95.0]])
-    summary = summarize_detections(peaks, gt_sizes, pred_sizes, [3, 1], score_thresh=0.3)
+    # the size head regresses to the mean: too large for small objects, too small for large ones
+    head_sizes = torch.tensor([[20.0, 30.0], [45.0, 40.0], [50.0, 40.0], [60.0, 50.0]])
+    summary = summarize_detections(
+        peaks, gt_sizes, pred_sizes, head_sizes, [3, 1], score_thresh=0.3
+    )
     assert summary["center_recall"] == 0.75
     assert (summary["objects"], summary["matched"]) == (4, 3)
     assert summary["objects_per_image"] == 2 and summary["detections_per_image"] == 2
@@ -208,6 +214,11 @@ def test_summary_of_undersized_and_missed_objects():
     assert by_size[(0, 20)]["median_height_ratio"] == pytest.approx(0.8)
     assert by_size[(40, 80)]["matched"] == 0 and by_size[(40, 80)]["center_recall"] == 0
     assert by_size[(80, float("inf"))]["center_recall"] == 1
+    # over every object, detected or not
+    assert summary["median_head_width_ratio"] == pytest.approx((1.5 + 1.0) / 2)
+    assert by_size[(0, 20)]["median_head_height_ratio"] == pytest.approx(3.0)
+    assert by_size[(40, 80)]["median_head_width_ratio"] == pytest.approx(1.0)
+    assert by_size[(80, float("inf"))]["median_head_width_ratio"] == pytest.approx(0.6)
 
 
 def test_object_points_of_a_cell_with_a_protrusion():

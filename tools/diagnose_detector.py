@@ -6,8 +6,9 @@
 
 Prints, and writes as JSON with ``--output``: detections and objects per image, the share of
 objects whose center the heatmap finds (center recall), how the sizes of the detections that
-match an object (box IoU > 0.5) compare with the object's, in all and per object size, and the
-share of objects whose box centre lies on the object (see
+match an object (box IoU > 0.5) compare with the object's, how the sizes that the size head
+predicts at every object's keypoint do, in all and per object size, and the share of objects
+whose box centre lies on the object (see
 :mod:`objguided_d2.evaluation.detector_diagnostics`). A detection counts from
 ``--score-thresh`` (default: the model's MODEL.OBJGUIDED.SCORE_THRESH_TEST). With
 ``--masks-on-true-boxes``, also the mask branch alone: the IoU of each object's mask predicted
@@ -68,7 +69,9 @@ def main(argv=None) -> dict:
     print_by_size(
         summary,
         {"objects": "objects", "center_recall": "center recall", "matched": "matched",
-         "median_width_ratio": "median pred/true width", "median_height_ratio": "height"},
+         "median_width_ratio": "median pred/true width", "median_height_ratio": "height",
+         "median_head_width_ratio": "median size-head/true width",
+         "median_head_height_ratio": "height"},
     )  # fmt: skip
     if args.masks_on_true_boxes:
         masks = masks_on_true_boxes(model, ((r, mapper(r)) for r in records))

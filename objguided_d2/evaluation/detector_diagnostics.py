@@ -8,12 +8,15 @@ resizes the image):
   carries its keypoint (the heatmap target's peak: the box centre, or the innermost pixel of its
   mask with ``MODEL.OBJGUIDED.CENTER_POINT "interior"``);
 * its *matched detection*: the detection (score at least the threshold) of highest box IoU with it,
-  if that IoU exceeds 0.5, whose width and height are compared with the object's.
+  if that IoU exceeds 0.5, whose width and height are compared with the object's;
+* its *size-head box*: the width and height that the size head predicts at the cell of its
+  keypoint, detected or not, compared with the object's.
 
 Summaries: center recall (share of objects whose center peak reaches the threshold), detections
-and objects per image, and the median predicted / true width and height over matched objects, in
-all and per object size; and, a property of the data, the share of objects whose box centre
-lies on the object itself (not on background or a neighbour).
+and objects per image, the median predicted / true width and height over matched objects and
+the median size-head / true width and height over all objects, in all and per object size; and,
+a property of the data, the share of objects whose box centre lies on the object itself (not on
+background or a neighbour).
 
 :func:`masks_on_true_boxes` measures the mask branch alone, the detector bypassed: each object's
 mask predicted from its own ground-truth box, its IoU with the object's mask, and how much of the
@@ -69,7 +72,7 @@ def diagnose_detector(
         "box_center_on_object".
     """
     generator = model.proposal_generator
-    peaks, gt_sizes, pred_sizes, detections, centered = [], [], [], [], []
+    peaks, gt_sizes, pred_sizes, head_sizes, detections, centered = [], [], [], [], [], []
     for record, mapped in inputs:
         images = model.preprocess_image([mapped])
         features = model.backbone(images.tensor)
@@ -87,8 +90,14 @@ def diagnose_detector(
         peaks.append(_peaks_at(heatmap.sigmoid().amax(dim=1)[0], keypoints, generator.stride))
         gt_sizes.append(gt[:, 2:] - gt[:, :2])
         pred_sizes.append(_matched_sizes(gt, kept.proposal_boxes.tensor))
+        head_sizes.append(_size_head_at(generator, wh[0], keypoints))
     summary = summarize_detections(
-        torch.cat(peaks), torch.cat(gt_sizes), torch.cat(pred_sizes), detections, score_thresh
+        torch.cat(peaks),
+        torch.cat(gt_sizes),
+        torch.cat(pred_sizes),
+        torch.cat(head_sizes),
+        detections,
+        score_thresh,
     )
     summary["box_center_on_object"] = float(np.concatenate(centered).mean())
     return summary
@@ -240,14 +249,30 @@ def _object_masks(record: dict) -> list[np.ndarray]:
     ]
 
 
+def _keypoint_cells(
+    keypoints: torch.Tensor, stride: int, map_hw: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G,) rows and (G,) columns of the cells of an (H, W) output map that carry the (G, 2)
+    keypoints (network-input pixels), clamped to the map."""
+    cells = (keypoints / stride).floor().long()
+    return cells[:, 1].clamp(0, map_hw[0] - 1), cells[:, 0].clamp(0, map_hw[1] - 1)
+
+
 def _peaks_at(heatmap: torch.Tensor, keypoints: torch.Tensor, stride: int) -> torch.Tensor:
     """(G,) highest score of the (H, W) heatmap in the 3 x 3 cells around the cell of each (G, 2)
     keypoint (network-input pixels)."""
     pooled = F.max_pool2d(heatmap[None, None], 3, stride=1, padding=1)[0, 0]
-    centers = (keypoints / stride).floor().long()
-    x = centers[:, 0].clamp(0, heatmap.shape[1] - 1)
-    y = centers[:, 1].clamp(0, heatmap.shape[0] - 1)
-    return pooled[y, x]
+    return pooled[_keypoint_cells(keypoints, stride, heatmap.shape)]
+
+
+def _size_head_at(generator, sizes: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
+    """(G, 2) width, height (network-input pixels) of the boxes that the size map (2 or 4, H, W)
+    of ``generator`` gives at the cells of the (G, 2) keypoints."""
+    sizes = sizes.float().exp() if generator.log_wh else sizes.float()
+    at = sizes[(slice(None), *_keypoint_cells(keypoints, generator.stride, sizes.shape[1:]))].T
+    if len(sizes) == 4:  # distances to the left, top, right and bottom sides
+        at = at[:, :2] + at[:, 2:]
+    return at * generator.stride
 
 
 def _matched_sizes(gt: torch.Tensor, detections: torch.Tensor) -> torch.Tensor:
@@ -265,6 +290,7 @@ def summarize_detections(
     peaks: torch.Tensor,
     gt_sizes: torch.Tensor,
     pred_sizes: torch.Tensor,
+    head_sizes: torch.Tensor,
     detections: Sequence[int],
     score_thresh: float,
 ) -> dict:
@@ -274,28 +300,38 @@ def summarize_detections(
         peaks: (G,) center peak of every object.
         gt_sizes, pred_sizes: (G, 2) width, height of every object and of its matched detection
             (NaN where none matched).
+        head_sizes: (G, 2) width, height of the size head's box at every object's keypoint.
         detections: the number of detections of each image.
         score_thresh: the score threshold the measurements used.
 
     Returns:
         {"score_thresh", "images", "detections_per_image", "objects_per_image", "objects",
-        "center_recall", "matched", "median_width_ratio", "median_height_ratio", "by_size":
-        [{"size": (lo, hi), "objects", "center_recall", "matched", "median_width_ratio",
-        "median_height_ratio"}, ...]}.
+        "center_recall", "matched", "median_width_ratio", "median_height_ratio",
+        "median_head_width_ratio", "median_head_height_ratio", "by_size": [{"size": (lo, hi),
+        "objects", and the same per object size}, ...]}.
     """
     ratios = (pred_sizes / gt_sizes).numpy()
+    head_ratios = (head_sizes / gt_sizes).numpy()
     side = gt_sizes.prod(dim=1).sqrt().numpy()
+
+    def medians(values: np.ndarray) -> list[float]:
+        return np.median(values, axis=0).tolist() if len(values) else [np.nan, np.nan]
 
     def ratio_summary(rows: np.ndarray) -> dict:
         matched = rows & ~np.isnan(ratios[:, 0])
-        medians = np.median(ratios[matched], axis=0) if matched.any() else [np.nan, np.nan]
         found = peaks.numpy()[rows] >= score_thresh
+        (width, height), (head_width, head_height) = (
+            medians(ratios[matched]),
+            medians(head_ratios[rows]),
+        )
         return {
             "objects": int(rows.sum()),
             "center_recall": float(found.mean()) if rows.any() else float("nan"),
             "matched": int(matched.sum()),
-            "median_width_ratio": float(medians[0]),
-            "median_height_ratio": float(medians[1]),
+            "median_width_ratio": width,
+            "median_height_ratio": height,
+            "median_head_width_ratio": head_width,
+            "median_head_height_ratio": head_height,
         }
 
     every = np.ones(len(side), bool)
