@@ -171,7 +171,7 @@ def test_compact_configs_share_data_input_schedule_and_mask_rois(dataset):
     # of the crop-scale trials that each architecture got (docs/accuracy.md).
     recipe = cfgs["mask_rcnn"].INPUT
     for arch, cfg in cfgs.items():
-        if (dataset, arch) == ("synthetic_neural", "objguided"):
+        if dataset == "synthetic_neural" and arch.startswith("objguided"):
             assert cfg.INPUT.TEST_IMAGE_SIZE == 640
             own_scale = [scale * 512 / 640 for scale in recipe.SQUARE_CROP.SCALES]
             assert cfg.INPUT.SQUARE_CROP.SCALES == pytest.approx(own_scale)
