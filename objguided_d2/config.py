@@ -52,8 +52,8 @@ def add_objguided_config(cfg: CN) -> None:
     # What the detector learns of an object that the training crop cuts: "visible", the part in
     # the crop, as if it were the whole object (paper and authors); "whole", the whole object's
     # keypoint (no heatmap peak where it lies outside the crop) and only the box sides the crop
-    # keeps (no size target for a side it cuts off). A crop cuts most large objects, and their
-    # visible parts teach the size head boxes smaller than the whole objects it sees at test.
+    # keeps (no size target for a side it cuts off). A crop cuts most large objects. On the
+    # synthetic neural-like cells "whole" lowers the heatmap loss, not APseg (docs/accuracy.md).
     _C.CROPPED_OBJECTS = "visible"
     # The size head predicts the log of its sizes in output cells (True) or the sizes (False,
     # paper and authors).
