@@ -36,6 +36,7 @@ from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 
 from ..data.formats import segmentation_to_rle
 from ..data.mapper import interior_points, tight_boxes
+from ..modeling.center_head import box_extents
 
 __all__ = [
     "SIZE_BINS",
@@ -268,11 +269,10 @@ def _peaks_at(heatmap: torch.Tensor, keypoints: torch.Tensor, stride: int) -> to
 def _size_head_at(generator, sizes: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
     """(G, 2) width, height (network-input pixels) of the boxes that the size map (2 or 4, H, W)
     of ``generator`` gives at the cells of the (G, 2) keypoints."""
-    sizes = sizes.float().exp() if generator.log_wh else sizes.float()
-    at = sizes[(slice(None), *_keypoint_cells(keypoints, generator.stride, sizes.shape[1:]))].T
-    if len(sizes) == 4:  # distances to the left, top, right and bottom sides
-        at = at[:, :2] + at[:, 2:]
-    return at * generator.stride
+    sizes = generator.decoded_sizes(sizes)
+    cells = _keypoint_cells(keypoints, generator.stride, sizes.shape[1:])
+    low, high = box_extents(sizes[(slice(None), *cells)].T)
+    return (low + high) * generator.stride
 
 
 def _matched_sizes(gt: torch.Tensor, detections: torch.Tensor) -> torch.Tensor:

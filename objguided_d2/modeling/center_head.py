@@ -239,12 +239,18 @@ def decode_centers(
     sizes_at = sizes.float().flatten(2).gather(2, cell[:, None, :].expand(-1, len(sizes[0]), -1))
     offset_at = offset.float().flatten(2).gather(2, cell[:, None, :].expand(-1, 2, -1))  # (B, 2, K)
     centers = torch.stack([cell % width, cell // width], dim=1) + offset_at
-    if len(sizes[0]) == 2:
-        low = high = sizes_at / 2
-    else:
-        low, high = sizes_at[:, :2], sizes_at[:, 2:]
+    low, high = box_extents(sizes_at)
     boxes = torch.cat([centers - low, centers + high], dim=1) * stride
     return logits, classes, boxes.transpose(1, 2), (centers * stride).transpose(1, 2)
+
+
+def box_extents(sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far boxes reach before and after their keypoint along x and y, each (N, 2, ...), from
+    (N, 2, ...) widths and heights (box-centre keypoints) or (N, 4, ...) distances to the left,
+    top, right and bottom sides (interior keypoints)."""
+    if sizes.shape[1] == 2:
+        return sizes / 2, sizes / 2
+    return sizes[:, :2], sizes[:, 2:]
 
 
 def _beyond_canvas(boxes: torch.Tensor, canvas_hw: tuple[int, int]) -> torch.Tensor:
@@ -515,6 +521,10 @@ class CenterKeypointProposalGenerator(nn.Module):
             return loss.sum() / max(target.numel(), 1)
         return (loss * weights).sum() / weights.sum().clamp(min=1)
 
+    def decoded_sizes(self, wh: torch.Tensor) -> torch.Tensor:
+        """The size head's (B, 2 or 4, H, W) output as sizes in output cells (float32)."""
+        return wh.float().exp() if self.log_wh else wh.float()
+
     def decode(
         self,
         heatmap_logits: torch.Tensor,
@@ -523,10 +533,8 @@ class CenterKeypointProposalGenerator(nn.Module):
         image_sizes: list[tuple[int, int]],
     ) -> list[Instances]:
         """Proposals whose center score exceeds ``score_thresh``, boxes clipped to each image."""
-        if self.log_wh:
-            wh = wh.float().exp()
         logits, classes, boxes, keypoints = decode_centers(
-            heatmap_logits, wh, offset, self.stride, self.topk
+            heatmap_logits, self.decoded_sizes(wh), offset, self.stride, self.topk
         )
         keep = logits.sigmoid() > self.score_thresh
         proposals = []
