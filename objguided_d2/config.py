@@ -75,6 +75,10 @@ def add_objguided_config(cfg: CN) -> None:
     # off, as predicted ones are at inference. 0: the exact boxes (authors).
     _C.TRAIN_BOX_JITTER = 0.0
     _C.MIN_ROI_SIZE = 2.0            # crop levels stop at the first one with an ROI side below this
+    # Level-0 crops on whole pixels, one pixel apart (True), or on the authors' grid, which spans
+    # the enlarged box end to end (False): the authors' grid samples between pixels, so a 1-px
+    # protrusion reaches the mask branch, its ground truth and the pasted mask as two half-pixels.
+    _C.ROI_PIXEL_GRID = False
     # Feature maps cropped at strides 2, 4, 8, 16 (stride 1 is a two-conv stem on the image).
     _C.ROI_FEATURES = ["stem", "dec4", "dec8", "dec16"]
     _C.IMAGE_CONV_CHANNELS = 64      # channels of the stride-1 level

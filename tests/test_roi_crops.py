@@ -46,6 +46,31 @@ def test_pyramid_sizes_and_levels_near_the_limits():
     assert torch.allclose(pyramid.sizes[0], torch.tensor([22.0, 33.0], dtype=torch.float64))
 
 
+def test_pixel_grid_samples_whole_pixels_one_apart_and_crops_masks_exactly():
+    boxes = torch.tensor([[10.3, 20.6, 30.1, 50.2], [3.0, 4.0, 70.0, 9.0]])
+    authors = build_roi_pyramid(boxes)
+    pyramid = build_roi_pyramid(boxes, pixel_grid=True)
+    # the same sample counts at every level
+    assert torch.equal(pyramid.level_hw, authors.level_hw)
+    for roi in range(len(boxes)):
+        (y, _), (x, _) = pyramid[torch.tensor([roi])].positions(0, pyramid.level_hw[roi, 0])
+        for axis, positions in ((0, x[0]), (1, y[0])):
+            assert torch.equal(positions, positions.round())
+            assert torch.equal(positions.diff(), torch.ones_like(positions[1:]))
+            # where the authors' grid starts, within half a pixel
+            authors_start = authors.centers[roi, axis] - authors.sizes[roi, axis] / 2
+            assert abs(positions[0] - authors_start) <= 0.5
+    # a 1-px line crosses the crop at full strength, not as two half-pixels
+    masks = torch.zeros(1, 64, 80, dtype=torch.bool)
+    masks[0, :, 20] = True
+    one = build_roi_pyramid(torch.tensor([[15.0, 25.3, 27.0, 40.0]]), pixel_grid=True)
+    soft = crop_masks(masks, one, tuple(one.level_hw[0, 0].tolist()))
+    assert set(soft.unique().tolist()) == {0.0, 1.0}
+    assert (soft[0, 0].sum(dim=1) == 1).all()
+    blended = build_roi_pyramid(torch.tensor([[15.0, 25.3, 27.0, 40.0]]))
+    assert crop_masks(masks, blended, tuple(blended.level_hw[0, 0].tolist())).max() < 1
+
+
 def test_pyramid_subset_and_custom_levels():
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 40.0, 20.0]])
     pyramid = build_roi_pyramid(boxes, strides=(1, 4), enlarge=1.0, min_size=3.0)

@@ -16,6 +16,10 @@ ROI pyramid
     int(h' / s_i) x int(w' / s_i) points spanning the enlarged box end to end,
     x_k = cx - w'/2 + k * w' / (n - 1), k = 0..n-1 (same in y). Levels stop at the first one whose
     h' / s_i or w' / s_i is below ``min_size``; an ROI whose level 0 fails has no level (skipped).
+    With ``pixel_grid``, the span is moved and shortened so that level 0 samples whole pixels one
+    pixel apart (x_0 = round(cx - w'/2), span n_0 - 1): its crops and its soft ground truth are
+    then the pixels themselves, not bilinear blends of neighbours, and its masks paste back onto
+    the pixels they came from.
 
 Padded ROI batches
     ROIs of different sizes travel as (R, C, Hp, Wp) tensors: ROI r occupies its top-left
@@ -138,6 +142,7 @@ def build_roi_pyramid(
     strides: Sequence[int] = (1, 2, 4, 8, 16),
     enlarge: float = 1.1,
     min_size: float = 2.0,
+    pixel_grid: bool = False,
 ) -> RoiPyramid:
     """Crop grids of the enlarged boxes at every level.
 
@@ -146,6 +151,8 @@ def build_roi_pyramid(
         strides: stride of each level, shallowest first.
         enlarge: factor applied to the box width and height about its centre.
         min_size: smallest side (in level units) a level may have.
+        pixel_grid: level 0 on whole pixels, one pixel apart (module docstring); False: the
+            authors' grid, spanning the enlarged box end to end.
 
     Returns:
         The :class:`RoiPyramid` (on ``boxes.device``). Sizes are decided in float64 so that e.g.
@@ -161,6 +168,10 @@ def build_roi_pyramid(
     # levels stop at the first that fails: keep the leading run of True
     fits = fits.cumprod(dim=1).bool()
     level_hw = level_sides.floor().long() * fits[:, :, None]
+    if pixel_grid:
+        spans = (sizes.floor() - 1).clamp(min=0)
+        centers = (centers - sizes / 2).round() + spans / 2
+        sizes = spans
     return RoiPyramid(
         centers=centers,
         sizes=sizes,

@@ -99,6 +99,7 @@ class ObjGuidedROIHeads(nn.Module):
         box_enlarge_test: float | None = None,
         train_box_jitter: float = 0.0,
         min_roi_size: float = 2.0,
+        roi_pixel_grid: bool = False,
         mask_loss_weight: float = 2.0,
         mask_dice_weight: float = 0.0,
         keypoint_guidance_sigma: float = 0.0,
@@ -137,6 +138,8 @@ class ObjGuidedROIHeads(nn.Module):
                 fraction of their size) and rescaling (1 +- this) before enlargement; 0: none
                 (see :func:`.roi_crops.jitter_boxes`).
             min_roi_size: levels stop at the first whose ROI side is below this.
+            roi_pixel_grid: level-0 crops on whole pixels, one pixel apart (see
+                :func:`.roi_crops.build_roi_pyramid`); False: the authors' grid.
             mask_loss_weight: weight of the mask BCE.
             mask_dice_weight: weight of a soft Dice loss added to the mask BCE (0: none, as the
                 paper).
@@ -190,6 +193,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.box_enlarge_test = box_enlarge if box_enlarge_test is None else box_enlarge_test
         self.train_box_jitter = train_box_jitter
         self.min_roi_size = min_roi_size
+        self.roi_pixel_grid = roi_pixel_grid
         self.mask_loss_weight = mask_loss_weight
         self.mask_dice_weight = mask_dice_weight
         self.keypoint_guidance_sigma = keypoint_guidance_sigma
@@ -257,6 +261,7 @@ class ObjGuidedROIHeads(nn.Module):
             "box_enlarge_test": og.BOX_ENLARGE_TEST or None,
             "train_box_jitter": og.TRAIN_BOX_JITTER,
             "min_roi_size": og.MIN_ROI_SIZE,
+            "roi_pixel_grid": og.ROI_PIXEL_GRID,
             "mask_loss_weight": og.MASK_LOSS_WEIGHT,
             "mask_dice_weight": og.MASK_DICE_WEIGHT,
             "keypoint_guidance_sigma": og.KEYPOINT_GUIDANCE_SIGMA,
@@ -317,7 +322,9 @@ class ObjGuidedROIHeads(nn.Module):
     def build_pyramid(self, boxes: torch.Tensor) -> RoiPyramid:
         """ROI crop grids of (R, 4) XYXY boxes (network-input pixels) at every level."""
         enlarge = self.box_enlarge if self.training else self.box_enlarge_test
-        return build_roi_pyramid(boxes, self.strides, enlarge, self.min_roi_size)
+        return build_roi_pyramid(
+            boxes, self.strides, enlarge, self.min_roi_size, self.roi_pixel_grid
+        )
 
     def group(self, pyramid: RoiPyramid) -> list[RoiGroup]:
         """The batches ROIs run in (skipped ROIs belong to none)."""
