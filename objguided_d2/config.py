@@ -98,6 +98,9 @@ def add_objguided_config(cfg: CN) -> None:
     # branch segments from it, then segment from the result: the masks place and size the boxes
     # better than a briefly trained detector. 0: the detector's boxes (paper and authors).
     _C.BOX_REFINE_STEPS = 0
+    # The ROIs of those refinement passes are the boxes scaled by this; 0: BOX_ENLARGE_TEST. A
+    # wide one lets the mask, and so the refined box, reach past a box that is too small.
+    _C.BOX_REFINE_ENLARGE = 0.0
     # Paste-back: True, each pixel is the weighted mean of the ROI samples splatted onto it, the
     # canvas resized bilinearly to the original size; False, the authors' sum of the splatted
     # votes (below the mean wherever samples lie more than a pixel apart), resized by nearest
@@ -240,6 +243,10 @@ _VALID_VALUES = {
     "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),
     "MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE": (_non_negative, "a count, or 0 for all"),
     "MODEL.OBJGUIDED.BOX_REFINE_STEPS": (_non_negative, "a count, or 0 for none"),
+    "MODEL.OBJGUIDED.BOX_REFINE_ENLARGE": (
+        _non_negative,
+        "a positive factor, or 0 for BOX_ENLARGE_TEST",
+    ),
     "MODEL.OBJGUIDED.TILE_SIZE": (_non_negative, "a side in pixels, or 0 for the test size"),
     "MODEL.OBJGUIDED.TILE_OVERLAP": (
         _non_negative,

@@ -548,6 +548,27 @@ def test_box_refinement_segments_again_from_the_tight_boxes_of_the_masks():
     assert iou(refined.pred_masks.to_masks()[0], objects[0][0]) > 0.95
 
 
+def test_refinement_passes_with_a_wider_roi_reach_past_a_box_that_is_too_small():
+    size = (64, 96)
+    square = rectangle(size, 8, 8, 40, 40)
+    proposals = Instances(size)
+    proposals.proposal_boxes = Boxes(torch.tensor([[16.0, 16.0, 32.0, 32.0]]))  # half its side
+    proposals.objectness_logits = torch.tensor([2.0])
+    proposals.pred_classes = torch.zeros(1, dtype=torch.int64)
+    images = ImageList(torch.zeros(1, 3, *size), [size])
+    boxes = {}
+    for refine_enlarge in (None, 2.5):
+        heads = OracleHeads(
+            **head_args(mask_thresh_test=0.5, box_refine_steps=1, box_refine_enlarge=refine_enlarge)
+        ).eval()
+        heads.roi_masks = square[None]
+        (result,), _ = heads(images, {}, [proposals])
+        boxes[refine_enlarge] = result.pred_boxes.tensor[0]
+    # the test ROI (1.1x) ends inside the square; 2.5x holds all of it
+    assert (boxes[None][2:] - boxes[None][:2] <= 24).all()
+    torch.testing.assert_close(boxes[2.5], torch.tensor([8.0, 8.0, 40.0, 40.0]), atol=1, rtol=0)
+
+
 class SoftOracleHeads(OracleHeads):
     """Oracle heads whose ROI probabilities are the crops of known soft masks."""
 

@@ -105,6 +105,7 @@ class ObjGuidedROIHeads(nn.Module):
         keypoint_guidance_sigma: float = 0.0,
         mask_thresh_test: float = 0.53,
         box_refine_steps: int = 0,
+        box_refine_enlarge: float | None = None,
         paste_normalized: bool = True,
         mask_confidence_score: bool = False,
         mask_largest_component: bool = False,
@@ -153,6 +154,8 @@ class ObjGuidedROIHeads(nn.Module):
             box_refine_steps: at inference, times each predicted box is replaced by the tight
                 box of the mask the branch segments from it (the box is kept where that mask is
                 empty) before the masks are segmented; 0: the detector's boxes (paper).
+            box_refine_enlarge: the ROIs' enlargement in those refinement passes (a wide one
+                lets the mask reach past a box that is too small); None: ``box_enlarge_test``.
             paste_normalized: paste the masks back as the weighted mean of their samples, resized
                 bilinearly, or as the authors' summed votes, resized by nearest neighbour (see
                 :func:`.mask_windows.paste_mask_windows`).
@@ -199,6 +202,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.keypoint_guidance_sigma = keypoint_guidance_sigma
         self.mask_thresh_test = mask_thresh_test
         self.box_refine_steps = box_refine_steps
+        self.box_refine_enlarge = box_refine_enlarge or self.box_enlarge_test
         self.paste_normalized = paste_normalized
         self.mask_confidence_score = mask_confidence_score
         self.mask_largest_component = mask_largest_component
@@ -267,6 +271,7 @@ class ObjGuidedROIHeads(nn.Module):
             "keypoint_guidance_sigma": og.KEYPOINT_GUIDANCE_SIGMA,
             "mask_thresh_test": og.MASK_THRESH_TEST,
             "box_refine_steps": og.BOX_REFINE_STEPS,
+            "box_refine_enlarge": og.BOX_REFINE_ENLARGE or None,
             "paste_normalized": og.PASTE_NORMALIZED,
             "mask_confidence_score": og.MASK_CONFIDENCE_SCORE,
             "mask_largest_component": og.MASK_LARGEST_COMPONENT,
@@ -319,9 +324,11 @@ class ObjGuidedROIHeads(nn.Module):
     # The mask branch on ROI groups
     # ---------------------------------------------------------------------------------------
 
-    def build_pyramid(self, boxes: torch.Tensor) -> RoiPyramid:
-        """ROI crop grids of (R, 4) XYXY boxes (network-input pixels) at every level."""
-        enlarge = self.box_enlarge if self.training else self.box_enlarge_test
+    def build_pyramid(self, boxes: torch.Tensor, enlarge: float | None = None) -> RoiPyramid:
+        """ROI crop grids of (R, 4) XYXY boxes (network-input pixels) at every level, the boxes
+        scaled by ``enlarge`` (default: ``box_enlarge`` in training, else ``box_enlarge_test``)."""
+        if enlarge is None:
+            enlarge = self.box_enlarge if self.training else self.box_enlarge_test
         return build_roi_pyramid(
             boxes, self.strides, enlarge, self.min_roi_size, self.roi_pixel_grid
         )
@@ -667,7 +674,7 @@ class ObjGuidedROIHeads(nn.Module):
         of ``image_hws`` (each box kept where its mask is empty or its ROI too small to
         segment)."""
         refined = boxes.clone()
-        pyramid = self.build_pyramid(boxes)
+        pyramid = self.build_pyramid(boxes, self.box_refine_enlarge)
         for _, indices, windows, _ in self._pasted_masks(
             level_maps, batch_index, pyramid, pyramid, keypoints, image_hws, image_hws
         ):
