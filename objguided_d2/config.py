@@ -88,10 +88,6 @@ def add_objguided_config(cfg: CN) -> None:
     # added to the mask BCE; 0: BCE alone (paper and authors). Dice is not swamped by the
     # background of a box that a thin object fills a few per cent of.
     _C.MASK_DICE_WEIGHT = 0.0
-    # Average the mask BCE over all ROI pixels of a batch (True), so that a large object's thin
-    # parts weigh as much per pixel as a small object's, or per ROI, then over the ROIs (False,
-    # authors): there a 150-px cell's pixel weighs a hundredth of a 15-px nucleus's.
-    _C.MASK_LOSS_PER_PIXEL = False
     # Keypoint guidance: a Gaussian at each ROI's keypoint (the detector's; the ground truth's in
     # training), of this width as a fraction of the ROI's side, added to its crops at every level
     # through a learned 1x1 projection, so that the branch knows which object of a box that holds

@@ -329,26 +329,6 @@ def test_losses_average_per_roi_with_their_weights():
     assert losses["loss_refine"].item() == pytest.approx(3.0 * (softplus(-b) + 2 * softplus(b)) / 3)
 
 
-def test_per_pixel_mask_loss_weighs_each_roi_by_its_area():
-    """The same constant prediction c: per pixel, A's all-ones target weighs by A's share of the
-    ROIs' level-0 pixels, not by a third; the point heads keep the per-ROI mean."""
-    c = 0.7
-    heads = make_heads(mask_loss_weight=2.0, mask_loss_per_pixel=True).train()
-    with torch.no_grad():
-        heads.seg_predictor.weight.zero_()
-        heads.seg_predictor.bias.fill_(c)
-    images, features = make_inputs()
-    target = full_and_empty_rois_target()
-
-    _, losses = heads(images, features, [], [target, empty_target(IMAGE_SIZES[1])])
-
-    areas = heads.build_pyramid(target.gt_boxes.tensor).level_hw[:, 0].prod(dim=1).double()
-    share_a = (areas[0] / areas.sum()).item()
-    assert 0.5 < share_a < 0.9  # far from the per-ROI third
-    expected = share_a * softplus(-c) + (1 - share_a) * softplus(c)
-    assert losses["loss_mask"].item() == pytest.approx(2.0 * expected, rel=1e-5)
-
-
 def test_soft_dice_loss_ignores_invalid_pixels_and_counts_thin_objects_fully():
     """0 for a confident exact prediction, 1 - 1 / (F + 1) for an all-background prediction of F
     foreground pixels, whatever lies outside the valid region; a 1-px line missed in a large

@@ -102,7 +102,6 @@ class ObjGuidedROIHeads(nn.Module):
         roi_pixel_grid: bool = False,
         mask_loss_weight: float = 2.0,
         mask_dice_weight: float = 0.0,
-        mask_loss_per_pixel: bool = False,
         keypoint_guidance_sigma: float = 0.0,
         mask_thresh_test: float = 0.53,
         box_refine_steps: int = 0,
@@ -145,9 +144,6 @@ class ObjGuidedROIHeads(nn.Module):
             mask_loss_weight: weight of the mask BCE.
             mask_dice_weight: weight of a soft Dice loss added to the mask BCE (0: none, as the
                 paper).
-            mask_loss_per_pixel: average the mask BCE over every ROI pixel of the batch, so that
-                each ROI weighs by its area; False: each ROI's mean BCE, then the mean over the
-                ROIs (authors), where a small ROI's pixel weighs more than a large one's.
             keypoint_guidance_sigma: 0 (paper) or the width, as a fraction of the ROI's mean side,
                 of a Gaussian at each ROI's keypoint that a learned 1x1 projection adds to its
                 crops at every level (see :func:`.roi_crops.keypoint_maps`), so that the branch
@@ -203,7 +199,6 @@ class ObjGuidedROIHeads(nn.Module):
         self.roi_pixel_grid = roi_pixel_grid
         self.mask_loss_weight = mask_loss_weight
         self.mask_dice_weight = mask_dice_weight
-        self.mask_loss_per_pixel = mask_loss_per_pixel
         self.keypoint_guidance_sigma = keypoint_guidance_sigma
         self.mask_thresh_test = mask_thresh_test
         self.box_refine_steps = box_refine_steps
@@ -273,7 +268,6 @@ class ObjGuidedROIHeads(nn.Module):
             "roi_pixel_grid": og.ROI_PIXEL_GRID,
             "mask_loss_weight": og.MASK_LOSS_WEIGHT,
             "mask_dice_weight": og.MASK_DICE_WEIGHT,
-            "mask_loss_per_pixel": og.MASK_LOSS_PER_PIXEL,
             "keypoint_guidance_sigma": og.KEYPOINT_GUIDANCE_SIGMA,
             "mask_thresh_test": og.MASK_THRESH_TEST,
             "box_refine_steps": og.BOX_REFINE_STEPS,
@@ -514,8 +508,7 @@ class ObjGuidedROIHeads(nn.Module):
         """Mask BCE on the ground-truth boxes and, with refinement, the point-head BCE.
 
         ``loss_mask`` = weight * mean over ROIs of each ROI's mean BCE against its soft (bilinearly
-        cropped) ground truth (with ``mask_loss_per_pixel``, the mean over all ROI pixels) plus
-        ``mask_dice_weight`` * its soft Dice loss; ``loss_refine`` =
+        cropped) ground truth plus ``mask_dice_weight`` * its soft Dice loss; ``loss_refine`` =
         weight * mean over ROIs and point heads of the mean BCE at the sampled points (authors'
         averaging).
         """
@@ -527,15 +520,15 @@ class ObjGuidedROIHeads(nn.Module):
         level_maps = self.level_maps(images, features)
         outputs = self.segment(level_maps, batch_index, pyramid, groups, keypoints)
 
-        bce_sums, areas, dice_losses, refine_losses = [], [], [], []
+        mask_losses, refine_losses = [], []
         for group, out in zip(groups, outputs):
             gt = crop_masks(gt_masks, pyramid[group.indices], group.pad_hw[0], group.indices)
             valid0 = valid_mask(out.valid_hw[:, 0], gt.shape[-2:]).to(gt.dtype)
             bce = F.binary_cross_entropy_with_logits(out.logits, gt, reduction="none")
-            bce_sums.append((bce * valid0).sum(dim=(1, 2, 3)))
-            areas.append(valid0.sum(dim=(1, 2, 3)))
+            loss = (bce * valid0).sum(dim=(1, 2, 3)) / valid0.sum(dim=(1, 2, 3))
             if self.mask_dice_weight > 0:
-                dice_losses.append(soft_dice_loss(out.logits, gt, valid0))
+                loss = loss + self.mask_dice_weight * soft_dice_loss(out.logits, gt, valid0)
+            mask_losses.append(loss)
             if self.refine_enabled:
                 refine_losses.extend(self._refine_losses(out, gt))
 
@@ -543,16 +536,7 @@ class ObjGuidedROIHeads(nn.Module):
         # reaches 5 levels, point_head1 when none has 2 and the whole branch when there is no
         # ROI: a zero-weighted sum keeps them all in the graph.
         idle = sum(p.sum() for p in self.parameters()) * 0.0
-        mask_loss = idle
-        if bce_sums:
-            area = torch.cat(areas)
-            # Per pixel: each ROI's BCE sum over the batch's mean ROI area, so that the mean over
-            # the ROIs is the mean over all their pixels.
-            roi_losses = torch.cat(bce_sums) / (area.mean() if self.mask_loss_per_pixel else area)
-            if dice_losses:
-                roi_losses = roi_losses + self.mask_dice_weight * torch.cat(dice_losses)
-            mask_loss = roi_losses.mean()
-        losses = {"loss_mask": self.mask_loss_weight * mask_loss + idle}
+        losses = {"loss_mask": self.mask_loss_weight * _mean(mask_losses, idle) + idle}
         if self.refine_enabled:
             losses["loss_refine"] = self.refine_loss_weight * _mean(refine_losses, idle)
         return losses
