@@ -110,6 +110,9 @@ def add_objguided_config(cfg: CN) -> None:
     # probability over the ROI pixels it segments (SOLOv2's "maskness"), so that masks the branch
     # is unsure of rank below confident ones. False: the keypoint score alone (paper and authors).
     _C.MASK_CONFIDENCE_SCORE = False
+    # The confidence's exponent in that product: above 1, the mask's confidence weighs more than
+    # the keypoint score in the ranking (scores fall, so TEST.BIO_SCORE_THRESH falls with it).
+    _C.MASK_CONFIDENCE_POWER = 1.0
     # At inference, keep each mask's largest 8-connected component only, so that the stray
     # fragments a mask picks up on its neighbours (or on noise) do not count against it. False:
     # every fragment (paper and authors).
@@ -240,6 +243,7 @@ _VALID_VALUES = {
     "MODEL.OBJGUIDED.MASK_DICE_WEIGHT": (_non_negative, "a weight, 0 or more"),
     "MODEL.OBJGUIDED.KEYPOINT_GUIDANCE_SIGMA": (_non_negative, "a fraction, or 0 for none"),
     "MODEL.OBJGUIDED.MASK_THRESH_TEST": (_fraction, "a probability in [0, 1]"),
+    "MODEL.OBJGUIDED.MASK_CONFIDENCE_POWER": (_positive, "a positive exponent"),
     "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),
     "MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE": (_non_negative, "a count, or 0 for all"),
     "MODEL.OBJGUIDED.BOX_REFINE_STEPS": (_non_negative, "a count, or 0 for none"),

@@ -76,6 +76,7 @@ def test_every_config_default_has_a_comment():
         ("INPUT.TEST_RESIZE", "squash", "INPUT.TEST_RESIZE is 'squash'; expected 'fit' or"),
         ("MODEL.OBJGUIDED.MASK_THRESH_TEST", "1.5", "MASK_THRESH_TEST is 1.5; expected a prob"),
         ("MODEL.OBJGUIDED.CROPPED_OBJECTS", "all", "CROPPED_OBJECTS is 'all'; expected 'visible'"),
+        ("MODEL.OBJGUIDED.MASK_CONFIDENCE_POWER", "0.0", "POWER is 0.0; expected a positive"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_key(key, value, message):

@@ -579,10 +579,15 @@ class SoftOracleHeads(OracleHeads):
         ]
 
 
-@pytest.mark.parametrize("mask_confidence_score", [False, True])
-def test_mask_confidence_scales_the_scores_and_reorders_the_detections(mask_confidence_score):
+@pytest.mark.parametrize(
+    "mask_confidence_score, mask_confidence_power", [(False, 1.0), (True, 1.0), (True, 3.0)]
+)
+def test_mask_confidence_scales_the_scores_and_reorders_the_detections(
+    mask_confidence_score, mask_confidence_power
+):
     """With the option, a detection scores its keypoint score times its mask's mean probability
-    over the pixels it segments: a confident mask of a lower keypoint score ranks first."""
+    over the pixels it segments, to the given power: a confident mask of a lower keypoint score
+    ranks first."""
     size = (64, 96)
     objects = [  # mask probability inside the object, proposal box, score logit
         (0.6, [8.0, 8.0, 32.0, 32.0], 2.0),
@@ -593,7 +598,11 @@ def test_mask_confidence_scales_the_scores_and_reorders_the_detections(mask_conf
     proposals.objectness_logits = torch.tensor([logit for *_, logit in objects])
     proposals.pred_classes = torch.zeros(2, dtype=torch.int64)
     heads = SoftOracleHeads(
-        **head_args(mask_thresh_test=0.5, mask_confidence_score=mask_confidence_score)
+        **head_args(
+            mask_thresh_test=0.5,
+            mask_confidence_score=mask_confidence_score,
+            mask_confidence_power=mask_confidence_power,
+        )
     ).eval()
     heads.roi_masks = torch.stack(
         [p * rectangle(size, *[int(v) for v in box]).float() for p, box, _ in objects]
@@ -605,7 +614,8 @@ def test_mask_confidence_scales_the_scores_and_reorders_the_detections(mask_conf
     keypoint_scores = torch.sigmoid(torch.tensor([logit for *_, logit in objects]))
     if mask_confidence_score:
         confidences = torch.tensor([p for p, *_ in objects])
-        expected = (keypoint_scores * confidences)[[1, 0]]  # 0.69 before 0.53
+        # power 1: 0.69 before 0.53; power 3: 0.63 before 0.19
+        expected = (keypoint_scores * confidences**mask_confidence_power)[[1, 0]]
         boxes = [objects[1][1], objects[0][1]]
         torch.testing.assert_close(result.scores, expected, atol=0.01, rtol=0)
     else:

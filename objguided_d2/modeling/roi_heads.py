@@ -108,6 +108,7 @@ class ObjGuidedROIHeads(nn.Module):
         box_refine_enlarge: float | None = None,
         paste_normalized: bool = True,
         mask_confidence_score: bool = False,
+        mask_confidence_power: float = 1.0,
         mask_largest_component: bool = False,
         mask_nms_thresh: float = 0.2,
         detections_per_image: int = 1000,
@@ -162,6 +163,8 @@ class ObjGuidedROIHeads(nn.Module):
             mask_confidence_score: at inference, score each detection by its keypoint score times
                 its mask's mean probability over the ROI pixels at or above
                 ``mask_thresh_test`` (0 for an empty mask); False: the keypoint score (paper).
+            mask_confidence_power: the confidence's exponent in that product (above 1, the
+                masks' confidence weighs more than the keypoint score in the ranking).
             mask_largest_component: at inference, keep each pasted mask's largest 8-connected
                 component only (before mask NMS; the box refinement sees whole masks); False:
                 every fragment (paper and authors).
@@ -205,6 +208,7 @@ class ObjGuidedROIHeads(nn.Module):
         self.box_refine_enlarge = box_refine_enlarge or self.box_enlarge_test
         self.paste_normalized = paste_normalized
         self.mask_confidence_score = mask_confidence_score
+        self.mask_confidence_power = mask_confidence_power
         self.mask_largest_component = mask_largest_component
         self.mask_nms_thresh = mask_nms_thresh
         self.detections_per_image = detections_per_image
@@ -274,6 +278,7 @@ class ObjGuidedROIHeads(nn.Module):
             "box_refine_enlarge": og.BOX_REFINE_ENLARGE or None,
             "paste_normalized": og.PASTE_NORMALIZED,
             "mask_confidence_score": og.MASK_CONFIDENCE_SCORE,
+            "mask_confidence_power": og.MASK_CONFIDENCE_POWER,
             "mask_largest_component": og.MASK_LARGEST_COMPONENT,
             "mask_nms_thresh": og.MASK_NMS_THRESH,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
@@ -733,7 +738,8 @@ class ObjGuidedROIHeads(nn.Module):
     ) -> list[tuple[torch.Tensor, MaskWindows, torch.Tensor, torch.Tensor]]:
         """Per image: the kept ROIs ((K,) int64 indices into ``boxes``), the pasted masks'
         windows of all its ROIs, which of them are kept ((K,) int64) and the kept ones' (K,)
-        scores (``scores``, times the masks' confidences with ``mask_confidence_score``).
+        scores (``scores``, times the masks' confidences to ``mask_confidence_power`` with
+        ``mask_confidence_score``).
         ``keypoints`` (R, 2): the ROIs' keypoints; ``batch_index`` (R,) their images."""
         pyramid = self.build_pyramid(boxes)
         # the ROIs in the images the inputs are placed in, where their masks are pasted
@@ -757,7 +763,9 @@ class ObjGuidedROIHeads(nn.Module):
             image_rois[image_index].append(indices)
             image_windows[image_index].append(windows)
             image_scores[image_index].append(
-                scores[indices] if confidence is None else scores[indices] * confidence
+                scores[indices]
+                if confidence is None
+                else scores[indices] * confidence**self.mask_confidence_power
             )
 
         kept_masks = []
