@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from objguided_d2.modeling.mask_windows import MaskWindows
+from objguided_d2.modeling.roi_heads import FLIP_DIMS
 
 
 def count(module: torch.nn.Module) -> int:
@@ -179,6 +180,73 @@ def test_inference_returns_original_or_network_size(compact_model, monkeypatch):
     torch.testing.assert_close(network.pred_boxes.tensor, boxes)
     torch.testing.assert_close(original.pred_boxes.tensor, boxes * torch.tensor([1.5, 2.0] * 2))
     torch.testing.assert_close(original.scores, network.scores)
+
+
+def predict_from(model, monkeypatch, image, boxes, keypoints):
+    """The model's predictions (at the network-input size) of ``image`` when its detector finds
+    ``boxes`` with ``keypoints``, scores decreasing with the index."""
+    proposals = Instances(tuple(image.shape[-2:]))
+    proposals.proposal_boxes = Boxes(boxes)
+    proposals.objectness_logits = torch.linspace(2, -2, len(boxes))
+    proposals.pred_classes = torch.zeros(len(boxes), dtype=torch.int64)
+    proposals.proposal_keypoints = keypoints
+    monkeypatch.setattr(
+        model.proposal_generator, "forward", lambda images, features, gt=None: ([proposals], {})
+    )
+    with torch.no_grad():
+        (instances,) = model.inference([{"image": image}], do_postprocess=False)
+    return instances
+
+
+@pytest.mark.parametrize("flip", ["horizontal", "vertical", "both"])
+def test_mask_test_flips_average_each_roi_over_the_input_and_its_flipped_copy(flip, monkeypatch):
+    """With a test-time flip, each ROI's probabilities are the mean of its segmentations of the
+    input and of the flipped input (from its mirrored grid and keypoint, flipped back). Then the
+    predictions of the flipped image are the flipped predictions of the image, masks and scores
+    (the mask confidence's), which the model without the flip does not give."""
+    height, width = 64, 96  # a multiple of the backbone's size divisibility: no padding
+    image = torch.randint(0, 255, (3, height, width), dtype=torch.uint8)
+    boxes = torch.tensor(
+        [[4.0, 6.0, 40.0, 40.0], [30.0, 20.0, 70.5, 60.0], [60.0, 3.0, 90.0, 31.0]]
+    )
+    keypoints = torch.tensor([[20.0, 25.0], [52.0, 41.5], [72.0, 15.0]])
+    dims = FLIP_DIMS[flip]
+    mirrored_boxes, mirrored_keypoints = boxes.clone(), keypoints.clone()
+    for dim in dims:  # x -> W - x on the boxes' and keypoints' continuous coordinates
+        extent, axis = (width, 0) if dim == -1 else (height, 1)
+        mirrored_boxes[:, [axis, axis + 2]] = extent - boxes[:, [axis + 2, axis]]
+        mirrored_keypoints[:, axis] = extent - keypoints[:, axis]
+    equivariant = {}
+    for flips in ([], [flip]):
+        torch.manual_seed(0)
+        options = [
+            "MODEL.OBJGUIDED.MASK_TEST_FLIPS", flips,
+            "MODEL.OBJGUIDED.MASK_CONFIDENCE_SCORE", True,
+            "MODEL.OBJGUIDED.KEYPOINT_GUIDANCE_SIGMA", 0.2,
+            "MODEL.OBJGUIDED.MASK_THRESH_TEST", 0.5,
+            "MODEL.OBJGUIDED.MASK_NMS_THRESH", 1.0,
+        ]  # fmt: skip
+        model = build_model(objguided_cfg(compact=True, opts=options)).eval()
+        plain = predict_from(model, monkeypatch, image, boxes, keypoints)
+        mirror = predict_from(
+            model, monkeypatch, image.flip(dims), mirrored_boxes, mirrored_keypoints
+        )
+        assert len(plain) == len(mirror) == len(boxes)
+        masks, mirror_masks = plain.pred_masks.to_masks(), mirror.pred_masks.to_masks()
+        assert masks.any() and not masks.all(dim=(1, 2)).any()
+        # the same ROIs in the same order where the scores are those of the flipped image's
+        order = torch.argsort(plain.pred_boxes.tensor[:, 0])
+        mirror_order = torch.argsort(mirror.pred_boxes.tensor[:, 0], descending=dims != (-2,))
+        differing = (masks[order].flip(dims) != mirror_masks[mirror_order]).float().mean()
+        score_gap = (plain.scores[order] - mirror.scores[mirror_order]).abs().max()
+        equivariant[bool(flips)] = differing < 1e-3 and score_gap < 1e-4
+    assert equivariant == {False: False, True: True}
+
+
+def test_an_unknown_test_flip_is_refused_naming_the_key():
+    options = ["MODEL.OBJGUIDED.MASK_TEST_FLIPS", ["horizontal", "diagonal"]]
+    with pytest.raises(ValueError, match=r"MASK_TEST_FLIPS has \['diagonal'\]; expected some of"):
+        build_model(objguided_cfg(compact=True, opts=options))
 
 
 # ------------------------------------------------------------------------------------------

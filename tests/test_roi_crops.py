@@ -14,6 +14,7 @@ from objguided_d2.modeling.roi_crops import (
     crop_one_roi,
     crop_roi_groups,
     crop_rois,
+    flip_rois,
     group_rois,
     jitter_boxes,
     keypoint_maps,
@@ -77,6 +78,51 @@ def test_pyramid_subset_and_custom_levels():
     assert pyramid.level_hw.tolist() == [[[10, 10], [0, 0]], [[20, 40], [5, 10]]]
     sub = pyramid[torch.tensor([1])]
     assert len(sub) == 1 and sub.level_hw.tolist() == [[[20, 40], [5, 10]]]
+
+
+@pytest.mark.parametrize("dims", [(-1,), (-2,), (-2, -1)])
+def test_mirrored_grids_sample_the_mirror_image_of_each_rois_grid(dims):
+    """In the image flipped along ``dims``, the mirrored grids read at sample k what the grids
+    read at sample n - 1 - k, at every level: flip_rois then puts the crops of the flipped maps
+    back onto the crops of the maps. The maps are linear ramps (bilinear crops are exact on
+    them), cell j of a stride-s map on pixel s * j of its image."""
+    image_hw = (48, 64)
+    boxes = torch.tensor([[9.0, 10.0, 40.5, 30.0], [20.0, 8.0, 33.0, 38.5]])
+    pyramid = build_roi_pyramid(boxes, strides=(1, 2, 4), enlarge=1.1)
+    mirrored = pyramid.mirrored(dims, image_hw)
+    slopes = torch.tensor([[1.0, 0.5], [-0.25, 2.0]])  # (channel, (x, y))
+
+    def ramp(stride, flipped):
+        y, x = torch.meshgrid(
+            *(torch.arange(0, side, stride, dtype=torch.float32) for side in image_hw),
+            indexing="ij",
+        )
+        for dim in dims if flipped else ():  # the flipped image's pixel is the mirror of this
+            if dim == -1:
+                x = image_hw[1] - 1 - x
+            else:
+                y = image_hw[0] - 1 - y
+        return (slopes[:, 0, None, None] * x + slopes[:, 1, None, None] * y)[None]
+
+    for level, stride in enumerate(pyramid.strides):
+        pad_hw = pyramid.level_hw[:, level].amax(dim=0).tolist()
+        image_of_roi = torch.zeros(len(boxes), dtype=torch.long)
+        crops, valid = crop_rois(ramp(stride, False), image_of_roi, pyramid, level, pad_hw)
+        flipped, _ = crop_rois(ramp(stride, True), image_of_roi, mirrored, level, pad_hw)
+        back = flip_rois(flipped, pyramid.level_hw[:, level], dims)
+        torch.testing.assert_close(back * valid, crops * valid)
+        assert not torch.allclose(flipped * valid, crops * valid)
+
+
+def test_flip_rois_flips_each_valid_region_and_keeps_the_padding_zero():
+    hw = torch.tensor([[2, 3], [3, 4], [0, 0]])
+    maps = torch.arange(1, 3 * 2 * 3 * 4 + 1, dtype=torch.float32).view(3, 2, 3, 4)
+    maps = maps * valid_mask(hw, (3, 4))
+    flipped = flip_rois(maps, hw, (-2, -1))
+    torch.testing.assert_close(flipped[0, :, :2, :3], maps[0, :, :2, :3].flip(-2, -1))
+    torch.testing.assert_close(flipped[1], maps[1].flip(-2, -1))
+    torch.testing.assert_close(flipped * valid_mask(hw, (3, 4)), flipped)
+    torch.testing.assert_close(flip_rois(maps, hw, (-1,)), flip_rois(flipped, hw, (-2,)))
 
 
 def test_jittered_boxes_stay_within_their_shift_and_scale_bounds():

@@ -3,7 +3,9 @@
 Detectron2's ``GeneralizedRCNN`` cannot be reused because its ``detector_postprocess`` treats
 ``pred_masks`` as box-relative M x M masks; the ROI heads here paste the masks themselves,
 directly at the original image resolution, each in the window of its tight box. Network inputs
-larger than the tile size are segmented tile by tile (:mod:`.tiling`).
+larger than the tile size are segmented tile by tile (:mod:`.tiling`). With test-time flips, the
+backbone also reads each flipped copy of the inputs, and the mask heads average each ROI's
+segmentations over them.
 """
 
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from detectron2.structures import ImageList, Instances
 from torch import nn
 from tqdm import tqdm
 
+from .roi_heads import FLIP_DIMS, FlippedBatch
 from .tiling import tile_grid
 
 __all__ = ["ObjGuidedSegmentor"]
@@ -44,6 +47,7 @@ class ObjGuidedSegmentor(nn.Module):
         input_format: str | None = None,
         tile_size: int = 512,
         tile_overlap: int = 128,
+        mask_test_flips: Sequence[str] = (),
     ):
         """
         Args:
@@ -57,6 +61,9 @@ class ObjGuidedSegmentor(nn.Module):
                 or draw them.
             tile_size, tile_overlap: inputs with a side above ``tile_size`` are segmented in
                 tiles of that side, neighbours overlapping by ``tile_overlap`` pixels.
+            mask_test_flips: at inference, each ROI's mask probabilities are averaged over the
+                inputs and their copies flipped so (:data:`.roi_heads.FLIP_DIMS`); the detector
+                reads the inputs alone.
         """
         super().__init__()
         self.backbone = backbone
@@ -76,6 +83,12 @@ class ObjGuidedSegmentor(nn.Module):
             )
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
+        unknown = sorted(set(mask_test_flips) - set(FLIP_DIMS))
+        if unknown:
+            raise ValueError(
+                f"MODEL.OBJGUIDED.MASK_TEST_FLIPS has {unknown}; expected some of {list(FLIP_DIMS)}"
+            )
+        self.mask_test_flips = tuple(mask_test_flips)
         # Channels-last weights, as the inputs (preprocess_image): oneDNN's CPU convolutions then
         # skip reordering each weight (the demo's training step: about 5 % less time).
         self.to(memory_format=torch.channels_last)
@@ -94,6 +107,7 @@ class ObjGuidedSegmentor(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "tile_size": tile_size,
             "tile_overlap": og.TILE_OVERLAP or tile_size // 4,
+            "mask_test_flips": og.MASK_TEST_FLIPS,
         }
 
     @property
@@ -161,7 +175,13 @@ class ObjGuidedSegmentor(nn.Module):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         proposals, _ = self.proposal_generator(images, features)
-        results, _ = self.roi_heads(images, features, proposals, output_sizes=output_sizes)
+        results, _ = self.roi_heads(
+            images,
+            features,
+            proposals,
+            output_sizes=output_sizes,
+            flipped=self.flipped_batches(images),
+        )
         return results
 
     def predict_tiled(self, batched_input: dict, output_size: tuple[int, int]) -> Instances:
@@ -187,9 +207,21 @@ class ObjGuidedSegmentor(nn.Module):
                 [proposals[tile.holds(keypoints)]],
                 output_sizes=[output_size],
                 placements=[tile.placement((height, width))],
+                flipped=self.flipped_batches(images),
             )
             parts.append(instances)
         return self.roi_heads.merge_tiles(parts)
+
+    def flipped_batches(self, images: ImageList) -> list[FlippedBatch]:
+        """The padded batch flipped as ``mask_test_flips`` asks, each with its backbone
+        features."""
+        batches = []
+        for flip in self.mask_test_flips:
+            dims = FLIP_DIMS[flip]
+            tensor = images.tensor.flip(dims).contiguous(memory_format=torch.channels_last)
+            flipped = ImageList(tensor, images.image_sizes)
+            batches.append(FlippedBatch(dims, flipped, self.backbone(tensor)))
+        return batches
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Normalize, replicate a single-channel image to the model's channels, pad and batch

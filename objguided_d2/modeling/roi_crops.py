@@ -57,6 +57,7 @@ __all__ = [
     "crop_one_roi",
     "crop_roi_groups",
     "crop_rois",
+    "flip_rois",
     "group_rois",
     "keypoint_maps",
     "valid_mask",
@@ -98,6 +99,15 @@ class RoiPyramid:
         """The same grids moved by (R, 2) (dx, dy) input pixels (e.g. from a tile into its
         image)."""
         return replace(self, centers=self.centers + offsets.to(self.centers.dtype))
+
+    def mirrored(self, dims: Sequence[int], image_hw: Sequence[int]) -> RoiPyramid:
+        """The same grids in the (H, W) image flipped along ``dims`` (-1: left-right, -2:
+        up-down): sample k of a flipped axis lands on the mirror of sample n - 1 - k."""
+        centers = self.centers.clone()
+        for dim in dims:
+            axis = -1 - dim  # centres are (x, y): tensor dim -1 is x, -2 is y
+            centers[:, axis] = image_hw[dim] - 1 - centers[:, axis]
+        return replace(self, centers=centers)
 
     def positions(
         self, level: int, pad_hw: Sequence[int]
@@ -191,6 +201,20 @@ def jitter_boxes(boxes: torch.Tensor, amount: float) -> torch.Tensor:
     centers = centers + noise[:, :2] * (amount / 2) * sizes
     sizes = sizes * (1 + noise[:, 2:] * amount)
     return torch.cat([centers - sizes / 2, centers + sizes / 2], dim=1)
+
+
+def flip_rois(maps: torch.Tensor, hw: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """(R, C, Hp, Wp) padded ROI maps with each ROI's top-left (h, w) region (``hw`` (R, 2))
+    flipped along ``dims`` (-1: left-right, -2: up-down); the padding stays where it is."""
+    for dim in dims:
+        size = maps.shape[dim]
+        extent = hw[:, 1 if dim == -1 else 0, None]
+        k = torch.arange(size, device=maps.device)
+        source = torch.where(k < extent, extent - 1 - k, k)  # (R, size)
+        shape = [len(maps), 1, 1, 1]
+        shape[dim] = size
+        maps = maps.gather(dim, source.view(shape).expand_as(maps))
+    return maps
 
 
 def valid_mask(hw: torch.Tensor, pad_hw: Sequence[int]) -> torch.Tensor:

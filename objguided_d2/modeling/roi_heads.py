@@ -8,9 +8,10 @@ a two-conv head predicts mask logits at the ROI's own level-0 resolution. Traini
 ground-truth boxes and adds the auxiliary refinement: point heads on e1 and [e1, e2] at the most
 uncertain points of each predicted mask. Inference pastes the masks back into their windows of the
 image, filters them with mask NMS and writes out the kept ones as full-image masks
-(:mod:`.mask_windows`). Optionally (``keypoint_guidance_sigma``, a departure from the paper), each
-ROI's crops also carry a Gaussian at its keypoint, so that a box holding several objects says
-which one is meant.
+(:mod:`.mask_windows`); given flipped copies of the batch (:class:`FlippedBatch`), each ROI's
+probabilities are the mean of its segmentations in the batch and in each copy. Optionally
+(``keypoint_guidance_sigma``, a departure from the paper), each ROI's crops also carry a Gaussian
+at its keypoint, so that a box holding several objects says which one is meant.
 
 The branch's computation is written once (:meth:`ObjGuidedROIHeads.mask_branch`) and runs two
 ways: on padded groups of ROIs (:func:`.roi_crops.group_rois`), each layer in its padded-batch
@@ -40,6 +41,7 @@ from .roi_crops import (
     crop_masks,
     crop_one_roi,
     crop_roi_groups,
+    flip_rois,
     group_rois,
     jitter_boxes,
     keypoint_maps,
@@ -47,7 +49,10 @@ from .roi_crops import (
 )
 from .tiling import Placement
 
-__all__ = ["GroupOutput", "ObjGuidedROIHeads"]
+__all__ = ["FlippedBatch", "GroupOutput", "ObjGuidedROIHeads"]
+
+# Test-time flips (MODEL.OBJGUIDED.MASK_TEST_FLIPS) as the tensor dims they flip.
+FLIP_DIMS = {"horizontal": (-1,), "vertical": (-2,), "both": (-2, -1)}
 
 
 class GroupOutput(NamedTuple):
@@ -59,6 +64,23 @@ class GroupOutput(NamedTuple):
     # None for 1-level ROIs
     e2: torch.Tensor | None
     valid_hw: torch.Tensor  # (G, L, 2) int64 (h, w) of each ROI at each of the L levels
+
+
+class FlippedBatch(NamedTuple):
+    """The network inputs flipped along ``dims`` (:data:`FLIP_DIMS`), with their backbone
+    features: a test-time view for the mask branch."""
+
+    dims: tuple[int, ...]
+    images: ImageList  # the flipped padded batch, same image_sizes
+    features: dict[str, torch.Tensor]
+
+
+class _View(NamedTuple):
+    """The maps ROIs are cropped from in the batch flipped along ``dims`` (none: the batch)."""
+
+    dims: tuple[int, ...]
+    level_maps: list[torch.Tensor]
+    image_hw: tuple[int, int]  # the padded batch's (H, W), which the flips mirror
 
 
 def _one_roi_groups(pyramid: RoiPyramid) -> list[RoiGroup]:
@@ -299,6 +321,7 @@ class ObjGuidedROIHeads(nn.Module):
         targets: list[Instances] | None = None,
         output_sizes: Sequence[tuple[int, int]] | None = None,
         placements: Sequence[Placement] | None = None,
+        flipped: Sequence[FlippedBatch] = (),
     ) -> tuple[list[Instances], dict[str, torch.Tensor]]:
         """
         Args:
@@ -314,6 +337,8 @@ class ObjGuidedROIHeads(nn.Module):
             placements: per image, where it lies in a larger image it is a tile of: the
                 predictions are then that image's, scaled from its ``image_hw`` to
                 ``output_sizes[i]``. Default: every input is its own image.
+            flipped: at inference, flipped copies of the batch: each ROI is also segmented in
+                each (from its mirrored grids) and its probabilities averaged over them all.
         """
         if self.training:
             if targets is None:
@@ -323,7 +348,7 @@ class ObjGuidedROIHeads(nn.Module):
             output_sizes = images.image_sizes
         if placements is None:
             placements = [Placement((0, 0), tuple(hw)) for hw in images.image_sizes]
-        return self.predict(images, features, proposals, output_sizes, placements), {}
+        return self.predict(images, features, proposals, output_sizes, placements, flipped), {}
 
     # ---------------------------------------------------------------------------------------
     # The mask branch on ROI groups
@@ -614,8 +639,10 @@ class ObjGuidedROIHeads(nn.Module):
         proposals: list[Instances],
         output_sizes: Sequence[tuple[int, int]],
         placements: Sequence[Placement],
+        flipped: Sequence[FlippedBatch] = (),
     ) -> list[Instances]:
-        """Masks of the proposals (their boxes first refined ``box_refine_steps`` times), pasted
+        """Masks of the proposals (their boxes first refined ``box_refine_steps`` times; each
+        ROI's probabilities averaged over the batch and its ``flipped`` copies), pasted
         at ``output_sizes`` of the images the inputs are placed in, mask-NMSed and capped; each
         image's ``pred_boxes`` are the boxes segmented from and its ``pred_masks``
         :class:`.mask_windows.MaskWindows` of the kept masks' tight boxes."""
@@ -635,13 +662,16 @@ class ObjGuidedROIHeads(nn.Module):
         # branch's thousands of small operations. Its tensors stay inside: the returned fields
         # are ordinary tensors, which callers may modify in place.
         with torch.inference_mode(not torch.is_grad_enabled()):
-            level_maps = self.level_maps(images, features)
+            image_hw = tuple(images.tensor.shape[-2:])
+            views = [_View((), self.level_maps(images, features), image_hw)] + [
+                _View(f.dims, self.level_maps(f.images, f.features), image_hw) for f in flipped
+            ]
             for _ in range(self.box_refine_steps):
                 boxes = self._refined_boxes(
-                    level_maps, batch_index, boxes, keypoints, images.image_sizes
+                    views, batch_index, boxes, keypoints, images.image_sizes
                 )
             kept_masks = self._kept_masks(
-                level_maps, batch_index, boxes, keypoints, scores, output_sizes, placements
+                views, batch_index, boxes, keypoints, scores, output_sizes, placements
             )
         # refined boxes and the scores of the kept masks are inference tensors
         boxes = boxes.clone()
@@ -669,7 +699,7 @@ class ObjGuidedROIHeads(nn.Module):
 
     def _refined_boxes(
         self,
-        level_maps: list[torch.Tensor],
+        views: Sequence[_View],
         batch_index: torch.Tensor,
         boxes: torch.Tensor,
         keypoints: torch.Tensor,
@@ -681,15 +711,37 @@ class ObjGuidedROIHeads(nn.Module):
         refined = boxes.clone()
         pyramid = self.build_pyramid(boxes, self.box_refine_enlarge)
         for _, indices, windows, _ in self._pasted_masks(
-            level_maps, batch_index, pyramid, pyramid, keypoints, image_hws, image_hws
+            views, batch_index, pyramid, pyramid, keypoints, image_hws, image_hws
         ):
             found = windows.nonempty()
             refined[indices[found]] = windows.boxes[found].to(refined.dtype)
         return refined
 
+    def _roi_probabilities(
+        self,
+        views: Sequence[_View],
+        batch_index: torch.Tensor,
+        pyramid: RoiPyramid,
+        groups: Sequence[RoiGroup],
+        keypoints: torch.Tensor,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group, its ROIs' (G, 1, Hp, Wp) level-0 mask probabilities, the mean over the
+        views (in a flipped one, segmented from the mirrored grids and keypoints, then flipped
+        back), and their (G, L, 2) int64 valid (h, w)."""
+        total = None
+        for view in views:
+            points = keypoints.clone()
+            for dim in view.dims:  # (x, y) in continuous coordinates: x -> W - x
+                points[:, -1 - dim] = view.image_hw[dim] - points[:, -1 - dim]
+            mirrored = pyramid.mirrored(view.dims, view.image_hw)
+            outputs = self.segment(view.level_maps, batch_index, mirrored, groups, points)
+            probs = [flip_rois(o.logits.sigmoid(), o.valid_hw[:, 0], view.dims) for o in outputs]
+            total = probs if total is None else [t + p for t, p in zip(total, probs)]
+        return [(t / len(views), out.valid_hw) for t, out in zip(total, outputs)]
+
     def _pasted_masks(
         self,
-        level_maps: list[torch.Tensor],
+        views: Sequence[_View],
         batch_index: torch.Tensor,
         pyramid: RoiPyramid,
         placed: RoiPyramid,
@@ -705,16 +757,16 @@ class ObjGuidedROIHeads(nn.Module):
         windows, their (K,) :func:`mask_confidence` with ``with_confidence``, else None), group by
         group."""
         for chunk in _group_chunks(self.group(pyramid), self.max_inference_pixels):
-            outputs = self.segment(level_maps, batch_index, pyramid, chunk, keypoints)
-            for group, out in zip(chunk, outputs):
+            outputs = self._roi_probabilities(views, batch_index, pyramid, chunk, keypoints)
+            for group, (group_probs, valid_hw) in zip(chunk, outputs):
                 for image_index in batch_index[group.indices].unique().tolist():
                     mine = batch_index[group.indices] == image_index
                     indices = group.indices[mine]
-                    probs = out.logits[mine].sigmoid()
+                    probs = group_probs[mine]
                     confidence = None
                     if with_confidence:
                         confidence = mask_confidence(
-                            probs, out.valid_hw[mine, 0], self.mask_thresh_test
+                            probs, valid_hw[mine, 0], self.mask_thresh_test
                         )
                     windows = paste_mask_windows(
                         probs,
@@ -728,7 +780,7 @@ class ObjGuidedROIHeads(nn.Module):
 
     def _kept_masks(
         self,
-        level_maps: list[torch.Tensor],
+        views: Sequence[_View],
         batch_index: torch.Tensor,
         boxes: torch.Tensor,
         keypoints: torch.Tensor,
@@ -749,7 +801,7 @@ class ObjGuidedROIHeads(nn.Module):
         image_windows = [[] for _ in placements]
         image_scores = [[] for _ in placements]
         for image_index, indices, windows, confidence in self._pasted_masks(
-            level_maps,
+            views,
             batch_index,
             pyramid,
             placed,
