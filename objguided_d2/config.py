@@ -62,11 +62,6 @@ def add_objguided_config(cfg: CN) -> None:
     # instead of at size 0 (False, the authors): from scratch, a short schedule under-predicts
     # the larger objects otherwise.
     _C.WH_INIT_OBJECT_SIZE = False
-    # At inference, read copies of the input flipped so too ("horizontal", "vertical", "both":
-    # turned by 180 degrees): the detector averages its heatmap and sizes over them, the mask
-    # branch each ROI's probabilities (the confidence of MASK_CONFIDENCE_SCORE included); each
-    # flip costs one more backbone, detector and mask-branch pass. []: none (paper and authors).
-    _C.TEST_FLIPS = []
     _C.TOPK_CENTERS = 500            # peaks kept after the 3x3 max-pool
     _C.SCORE_THRESH_TEST = 0.3       # minimum center score of a detection
 
@@ -123,6 +118,11 @@ def add_objguided_config(cfg: CN) -> None:
     # every fragment (paper and authors).
     _C.MASK_LARGEST_COMPONENT = False
     _C.MASK_NMS_THRESH = 0.2         # mask IoU above which a lower-scored mask is suppressed
+    # At inference, segment each ROI also in copies of the input flipped so ("horizontal",
+    # "vertical", "both": turned by 180 degrees) and average its mask probabilities over them,
+    # the confidence of MASK_CONFIDENCE_SCORE included; each flip costs one more backbone and
+    # mask-branch pass. The detector reads the input alone. []: none (paper and authors).
+    _C.MASK_TEST_FLIPS = []
     # Network inputs with a side above TILE_SIZE (e.g. large images at INPUT.TEST_SCALE) are
     # segmented in overlapping tiles of that side; an object is kept from the tile whose core
     # (the tile less half of each overlap) holds its keypoint, and mask NMS runs across tiles.

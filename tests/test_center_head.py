@@ -16,7 +16,6 @@ from objguided_d2.modeling.center_head import (
     encode_center_targets,
     gaussian_radius,
 )
-from objguided_d2.modeling.flips import FLIP_DIMS, FlippedBatch
 
 
 def make_head(**kwargs) -> CenterKeypointProposalGenerator:
@@ -355,50 +354,3 @@ def test_training_step_reaches_every_parameter():
     with torch.no_grad():
         _, eval_losses = head(images, backbone.eval()(images.tensor))
     assert eval_losses == {}
-
-
-@pytest.mark.parametrize("center_point", ["box", "interior"])
-@pytest.mark.parametrize("flip", ["horizontal", "vertical", "both"])
-def test_flipped_copies_average_the_heatmap_and_sizes_flipped_back(flip, center_point):
-    """With a flipped copy, the heatmap probability and the sizes are the mean of the batch's and
-    the copy's flipped back (a keypoint's left and right distances swapped by a left-right flip):
-    the batch and its copy exchanged, every proposal is the mirror image of one (offsets held at
-    mid-cell, which mirrors onto itself). Without the copy, it is not so."""
-    torch.manual_seed(0)
-    head = make_head(num_classes=1, center_point=center_point, score_thresh=0.0, topk=40).eval()
-    with torch.no_grad():
-        head.offset_head[-1].weight.zero_()
-        head.offset_head[-1].bias.fill_(0.5)
-    dims = FLIP_DIMS[flip]
-    image_hw = (64, 96)
-    images = ImageList(torch.zeros(1, 3, *image_hw), [image_hw])
-    features = {"dec4": torch.randn(1, 8, 16, 24)}
-    # a copy's features: not the batch's flipped, as a backbone's are not
-    copy = {"dec4": torch.randn(1, 8, 16, 24)}
-
-    def mirrored(boxes):
-        boxes = boxes.clone()
-        for dim in dims:
-            extent, axis = (image_hw[1], 0) if dim == -1 else (image_hw[0], 1)
-            boxes[:, [axis, axis + 2]] = extent - boxes[:, [axis + 2, axis]]
-        return boxes
-
-    def key(proposals, boxes):
-        order = torch.argsort(boxes[:, 0] * 1000 + boxes[:, 1])
-        return proposals.objectness_logits[order], boxes[order]
-
-    for with_copy in (False, True):
-        with torch.no_grad():
-            (batch,), _ = head(
-                images, features, flipped=[FlippedBatch(dims, images, copy)][:with_copy]
-            )
-            (exchanged,), _ = head(
-                images, copy, flipped=[FlippedBatch(dims, images, features)][:with_copy]
-            )
-        logits, boxes = key(batch, mirrored(batch.proposal_boxes.tensor))
-        exchanged_logits, exchanged_boxes = key(exchanged, exchanged.proposal_boxes.tensor)
-        assert len(batch) == len(exchanged) == 40
-        same = torch.allclose(logits, exchanged_logits, atol=1e-5) and torch.allclose(
-            boxes, exchanged_boxes, atol=1e-4
-        )
-        assert same == with_copy

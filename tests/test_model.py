@@ -14,8 +14,8 @@ from helpers import ellipse_mask, instances_from_masks, objguided_cfg, render
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from objguided_d2.modeling.flips import FLIP_DIMS
 from objguided_d2.modeling.mask_windows import MaskWindows
+from objguided_d2.modeling.roi_heads import FLIP_DIMS
 
 
 def count(module: torch.nn.Module) -> int:
@@ -122,7 +122,7 @@ def given_proposals(monkeypatch, model, boxes: torch.Tensor, image_size):
     proposals.objectness_logits = torch.linspace(3, -3, len(boxes))
     proposals.pred_classes = torch.zeros(len(boxes), dtype=torch.int64)
     monkeypatch.setattr(
-        model.proposal_generator, "forward", lambda *args, **kwargs: ([proposals], {})
+        model.proposal_generator, "forward", lambda images, features, gt=None: ([proposals], {})
     )
     monkeypatch.setattr(model.roi_heads, "mask_thresh_test", 0.0)
 
@@ -191,7 +191,7 @@ def predict_from(model, monkeypatch, image, boxes, keypoints):
     proposals.pred_classes = torch.zeros(len(boxes), dtype=torch.int64)
     proposals.proposal_keypoints = keypoints
     monkeypatch.setattr(
-        model.proposal_generator, "forward", lambda *args, **kwargs: ([proposals], {})
+        model.proposal_generator, "forward", lambda images, features, gt=None: ([proposals], {})
     )
     with torch.no_grad():
         (instances,) = model.inference([{"image": image}], do_postprocess=False)
@@ -199,7 +199,7 @@ def predict_from(model, monkeypatch, image, boxes, keypoints):
 
 
 @pytest.mark.parametrize("flip", ["horizontal", "vertical", "both"])
-def test_test_flips_average_each_roi_over_the_input_and_its_flipped_copy(flip, monkeypatch):
+def test_mask_test_flips_average_each_roi_over_the_input_and_its_flipped_copy(flip, monkeypatch):
     """With a test-time flip, each ROI's probabilities are the mean of its segmentations of the
     input and of the flipped input (from its mirrored grid and keypoint, flipped back). Then the
     predictions of the flipped image are the flipped predictions of the image, masks and scores
@@ -220,7 +220,7 @@ def test_test_flips_average_each_roi_over_the_input_and_its_flipped_copy(flip, m
     for flips in ([], [flip]):
         torch.manual_seed(0)
         options = [
-            "MODEL.OBJGUIDED.TEST_FLIPS", flips,
+            "MODEL.OBJGUIDED.MASK_TEST_FLIPS", flips,
             "MODEL.OBJGUIDED.MASK_CONFIDENCE_SCORE", True,
             "MODEL.OBJGUIDED.KEYPOINT_GUIDANCE_SIGMA", 0.2,
             "MODEL.OBJGUIDED.MASK_THRESH_TEST", 0.5,
@@ -244,8 +244,8 @@ def test_test_flips_average_each_roi_over_the_input_and_its_flipped_copy(flip, m
 
 
 def test_an_unknown_test_flip_is_refused_naming_the_key():
-    options = ["MODEL.OBJGUIDED.TEST_FLIPS", ["horizontal", "diagonal"]]
-    with pytest.raises(ValueError, match=r"TEST_FLIPS has \['diagonal'\]; expected some of"):
+    options = ["MODEL.OBJGUIDED.MASK_TEST_FLIPS", ["horizontal", "diagonal"]]
+    with pytest.raises(ValueError, match=r"MASK_TEST_FLIPS has \['diagonal'\]; expected some of"):
         build_model(objguided_cfg(compact=True, opts=options))
 
 

@@ -27,7 +27,6 @@ training canvas enters (the crop cut it off) is not regressed.
 """
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -37,8 +36,6 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
-
-from .flips import FlippedBatch
 
 __all__ = [
     "CenterKeypointProposalGenerator",
@@ -274,11 +271,6 @@ def _two_conv_head(
     )
 
 
-# The (left, top, right, bottom) distances of a keypoint in the image flipped along a tensor dim,
-# as the channels of the unflipped image's.
-_SIDES_SWAPPED_BY_FLIP = {-1: [2, 1, 0, 3], -2: [0, 3, 2, 1]}
-
-
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class CenterKeypointProposalGenerator(nn.Module):
     """Heatmap / width-height / offset heads on one feature map, CenterNet targets and losses,
@@ -420,7 +412,6 @@ class CenterKeypointProposalGenerator(nn.Module):
         images: ImageList,
         features: dict[str, torch.Tensor],
         gt_instances: list[Instances] | None = None,
-        flipped: Sequence[FlippedBatch] = (),
     ) -> tuple[list[Instances], dict[str, torch.Tensor]]:
         """
         Args:
@@ -428,8 +419,6 @@ class CenterKeypointProposalGenerator(nn.Module):
             features: must hold ``in_feature`` (B, C, H, W).
             gt_instances: per image, ``gt_boxes`` (network-input pixels) and ``gt_classes``;
                 required in training.
-            flipped: at inference, flipped copies of the batch: the heatmap probabilities and
-                the sizes are averaged over the batch and them (:meth:`flip_averaged`).
 
         Returns:
             proposals: per image, Instances with ``proposal_boxes``, ``objectness_logits``
@@ -442,30 +431,8 @@ class CenterKeypointProposalGenerator(nn.Module):
         if self.training:
             losses = self.losses(heatmap_logits, wh, offset, gt_instances)
         with torch.no_grad():
-            if flipped:
-                heatmap_logits, wh = self.flip_averaged(heatmap_logits, wh, flipped)
             proposals = self.decode(heatmap_logits, wh, offset, images.image_sizes)
         return proposals, losses
-
-    def flip_averaged(
-        self, heatmap_logits: torch.Tensor, wh: torch.Tensor, flipped: Sequence[FlippedBatch]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits of the mean heatmap probability and the mean size maps over the batch and
-        its ``flipped`` copies, each copy's maps flipped back (a cell spans ``stride`` input
-        pixels, so the maps of a batch padded to a multiple of it flip cell onto cell); a
-        left-right flip swaps the distances to the left and right sides, an up-down one those
-        to the top and bottom. The offsets stay the batch's."""
-        probabilities, sizes = heatmap_logits.float().sigmoid(), wh.float()
-        for view in flipped:
-            view_logits, view_wh, _ = self.predict_maps(view.features[self.in_feature])
-            view_wh = view_wh.float().flip(view.dims)
-            if view_wh.shape[1] == 4:  # (left, top, right, bottom)
-                for dim in view.dims:
-                    view_wh = view_wh[:, _SIDES_SWAPPED_BY_FLIP[dim]]
-            probabilities = probabilities + view_logits.float().sigmoid().flip(view.dims)
-            sizes = sizes + view_wh
-        count = len(flipped) + 1
-        return torch.logit(probabilities / count, eps=1e-6), sizes / count
 
     def predict_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, C, H, W) features -> heatmap logits (B, num_classes, H, W), size maps (B, 2 or 4,

@@ -3,9 +3,9 @@
 Detectron2's ``GeneralizedRCNN`` cannot be reused because its ``detector_postprocess`` treats
 ``pred_masks`` as box-relative M x M masks; the ROI heads here paste the masks themselves,
 directly at the original image resolution, each in the window of its tight box. Network inputs
-larger than the tile size are segmented tile by tile (:mod:`.tiling`). With test-time flips
-(:mod:`.flips`), the backbone also reads each flipped copy of the inputs, the detector averages
-its maps over them and the mask heads each ROI's segmentations.
+larger than the tile size are segmented tile by tile (:mod:`.tiling`). With test-time flips, the
+backbone also reads each flipped copy of the inputs, and the mask heads average each ROI's
+segmentations over them.
 """
 
 from collections.abc import Sequence
@@ -23,7 +23,7 @@ from detectron2.structures import ImageList, Instances
 from torch import nn
 from tqdm import tqdm
 
-from .flips import FLIP_DIMS, FlippedBatch, flipped_batch
+from .roi_heads import FLIP_DIMS, FlippedBatch
 from .tiling import tile_grid
 
 __all__ = ["ObjGuidedSegmentor"]
@@ -47,7 +47,7 @@ class ObjGuidedSegmentor(nn.Module):
         input_format: str | None = None,
         tile_size: int = 512,
         tile_overlap: int = 128,
-        test_flips: Sequence[str] = (),
+        mask_test_flips: Sequence[str] = (),
     ):
         """
         Args:
@@ -61,8 +61,9 @@ class ObjGuidedSegmentor(nn.Module):
                 or draw them.
             tile_size, tile_overlap: inputs with a side above ``tile_size`` are segmented in
                 tiles of that side, neighbours overlapping by ``tile_overlap`` pixels.
-            test_flips: at inference, the detector's maps and each ROI's mask probabilities are
-                averaged over the inputs and their copies flipped so (:data:`.flips.FLIP_DIMS`).
+            mask_test_flips: at inference, each ROI's mask probabilities are averaged over the
+                inputs and their copies flipped so (:data:`.roi_heads.FLIP_DIMS`); the detector
+                reads the inputs alone.
         """
         super().__init__()
         self.backbone = backbone
@@ -82,12 +83,12 @@ class ObjGuidedSegmentor(nn.Module):
             )
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
-        unknown = sorted(set(test_flips) - set(FLIP_DIMS))
+        unknown = sorted(set(mask_test_flips) - set(FLIP_DIMS))
         if unknown:
             raise ValueError(
-                f"MODEL.OBJGUIDED.TEST_FLIPS has {unknown}; expected some of {list(FLIP_DIMS)}"
+                f"MODEL.OBJGUIDED.MASK_TEST_FLIPS has {unknown}; expected some of {list(FLIP_DIMS)}"
             )
-        self.test_flips = tuple(test_flips)
+        self.mask_test_flips = tuple(mask_test_flips)
         # Channels-last weights, as the inputs (preprocess_image): oneDNN's CPU convolutions then
         # skip reordering each weight (the demo's training step: about 5 % less time).
         self.to(memory_format=torch.channels_last)
@@ -106,7 +107,7 @@ class ObjGuidedSegmentor(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "tile_size": tile_size,
             "tile_overlap": og.TILE_OVERLAP or tile_size // 4,
-            "test_flips": og.TEST_FLIPS,
+            "mask_test_flips": og.MASK_TEST_FLIPS,
         }
 
     @property
@@ -173,10 +174,13 @@ class ObjGuidedSegmentor(nn.Module):
             return []
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        flipped = self.flipped_batches(images)
-        proposals, _ = self.proposal_generator(images, features, flipped=flipped)
+        proposals, _ = self.proposal_generator(images, features)
         results, _ = self.roi_heads(
-            images, features, proposals, output_sizes=output_sizes, flipped=flipped
+            images,
+            features,
+            proposals,
+            output_sizes=output_sizes,
+            flipped=self.flipped_batches(images),
         )
         return results
 
@@ -193,8 +197,7 @@ class ObjGuidedSegmentor(nn.Module):
             crop = {**batched_input, "image": image[:, tile.y0 : tile.y1, tile.x0 : tile.x1]}
             images = self.preprocess_image([crop])
             features = self.backbone(images.tensor)
-            flipped = self.flipped_batches(images)
-            (proposals,), _ = self.proposal_generator(images, features, flipped=flipped)
+            (proposals,), _ = self.proposal_generator(images, features)
             keypoints = proposals.proposal_keypoints + proposals.proposal_keypoints.new_tensor(
                 [tile.x0, tile.y0]
             )
@@ -204,14 +207,21 @@ class ObjGuidedSegmentor(nn.Module):
                 [proposals[tile.holds(keypoints)]],
                 output_sizes=[output_size],
                 placements=[tile.placement((height, width))],
-                flipped=flipped,
+                flipped=self.flipped_batches(images),
             )
             parts.append(instances)
         return self.roi_heads.merge_tiles(parts)
 
     def flipped_batches(self, images: ImageList) -> list[FlippedBatch]:
-        """The padded batch flipped as ``test_flips`` asks, each with its backbone features."""
-        return [flipped_batch(images, flip, self.backbone) for flip in self.test_flips]
+        """The padded batch flipped as ``mask_test_flips`` asks, each with its backbone
+        features."""
+        batches = []
+        for flip in self.mask_test_flips:
+            dims = FLIP_DIMS[flip]
+            tensor = images.tensor.flip(dims).contiguous(memory_format=torch.channels_last)
+            flipped = ImageList(tensor, images.image_sizes)
+            batches.append(FlippedBatch(dims, flipped, self.backbone(tensor)))
+        return batches
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Normalize, replicate a single-channel image to the model's channels, pad and batch

@@ -8,7 +8,7 @@ a two-conv head predicts mask logits at the ROI's own level-0 resolution. Traini
 ground-truth boxes and adds the auxiliary refinement: point heads on e1 and [e1, e2] at the most
 uncertain points of each predicted mask. Inference pastes the masks back into their windows of the
 image, filters them with mask NMS and writes out the kept ones as full-image masks
-(:mod:`.mask_windows`); given flipped copies of the batch (:mod:`.flips`), each ROI's
+(:mod:`.mask_windows`); given flipped copies of the batch (:class:`FlippedBatch`), each ROI's
 probabilities are the mean of its segmentations in the batch and in each copy. Optionally
 (``keypoint_guidance_sigma``, a departure from the paper), each ROI's crops also carry a Gaussian
 at its keypoint, so that a box holding several objects says which one is meant.
@@ -31,7 +31,6 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import nn
 
-from .flips import FlippedBatch
 from .fusion import FusionBlock
 from .mask_windows import MaskWindows, mask_nms, paste_mask_windows
 from .point_sampling import point_sample_rois, sample_uncertain_points
@@ -50,7 +49,10 @@ from .roi_crops import (
 )
 from .tiling import Placement
 
-__all__ = ["GroupOutput", "ObjGuidedROIHeads"]
+__all__ = ["FlippedBatch", "GroupOutput", "ObjGuidedROIHeads"]
+
+# Test-time flips (MODEL.OBJGUIDED.MASK_TEST_FLIPS) as the tensor dims they flip.
+FLIP_DIMS = {"horizontal": (-1,), "vertical": (-2,), "both": (-2, -1)}
 
 
 class GroupOutput(NamedTuple):
@@ -62,6 +64,15 @@ class GroupOutput(NamedTuple):
     # None for 1-level ROIs
     e2: torch.Tensor | None
     valid_hw: torch.Tensor  # (G, L, 2) int64 (h, w) of each ROI at each of the L levels
+
+
+class FlippedBatch(NamedTuple):
+    """The network inputs flipped along ``dims`` (:data:`FLIP_DIMS`), with their backbone
+    features: a test-time view for the mask branch."""
+
+    dims: tuple[int, ...]
+    images: ImageList  # the flipped padded batch, same image_sizes
+    features: dict[str, torch.Tensor]
 
 
 class _View(NamedTuple):
