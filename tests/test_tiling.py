@@ -113,8 +113,15 @@ def blob_model():
     return model.eval()
 
 
-@pytest.mark.parametrize("output_hw", [(700, 650), (350, 325), (1000, 900)])
-def test_tiled_inference_gives_each_object_once_as_whole_image_inference(blob_model, output_hw):
+@pytest.mark.parametrize(
+    "output_hw, flips",
+    [((700, 650), ()), ((350, 325), ()), ((1000, 900), ()), ((700, 650), ("horizontal", "both"))],
+)
+def test_tiled_inference_gives_each_object_once_as_whole_image_inference(
+    blob_model, output_hw, flips, monkeypatch
+):
+    """Also with test-time flips, which each tile then reads flipped about its own sides."""
+    monkeypatch.setattr(blob_model, "mask_test_flips", flips)
     image, boxes = blob_image(700, 650, seed=4)
     tiles = tile_grid(700, 650, 256, 64)
     straddling = [b for b in boxes if any(b[0] < t.x1 < b[2] or b[1] < t.y1 < b[3] for t in tiles)]
