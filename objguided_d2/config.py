@@ -162,6 +162,9 @@ def _add_input_config(cfg: CN) -> None:
     # (authors' border 128; their swapped width/height is not reproduced). 0: anywhere.
     _C.SQUARE_CROP.CENTER_MARGIN = 128
     _C.HFLIP_TRAIN = True            # horizontal flip with p = 0.5
+    # Vertical flip with p = 0.5 as well (not in the paper): with the horizontal flip, every
+    # mirror image of an object whose appearance has no up or down.
+    _C.VFLIP_TRAIN = False
     # Test-time resize: "fit" (longest side to the test size, aspect kept) or "stretch" (authors:
     # both sides to it). Predictions always come back at the original resolution.
     _C.TEST_RESIZE = "fit"

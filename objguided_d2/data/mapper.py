@@ -43,6 +43,8 @@ def build_bio_augmentations(cfg, is_train: bool) -> list:
         augmentations = [RandomSquareCrop(size, random_center=False)]
     if cfg.INPUT.HFLIP_TRAIN:
         augmentations.append(T.RandomFlip(prob=0.5, horizontal=True, vertical=False))
+    if cfg.INPUT.VFLIP_TRAIN:
+        augmentations.append(T.RandomFlip(prob=0.5, horizontal=False, vertical=True))
     return augmentations
 
 

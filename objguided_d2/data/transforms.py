@@ -2,8 +2,9 @@
 
 Training: a square crop of side max(H, W) x s (s drawn from INPUT.SQUARE_CROP.SCALES) at a random
 centre, resized to IMAGE_SIZE x IMAGE_SIZE in one affine warp, zero fill outside the image, then a
-horizontal flip (detectron2's ``RandomFlip``). Test: a resize of the longest side to IMAGE_SIZE
-("fit", aspect kept) or of both sides ("stretch", the authors' test resize).
+horizontal flip and, optionally, a vertical one (detectron2's ``RandomFlip``). Test: a resize of
+the longest side to IMAGE_SIZE ("fit", aspect kept) or of both sides ("stretch", the authors' test
+resize).
 
 Coordinates follow detectron2: continuous, pixel ``i`` covers [i, i + 1).
 """
