@@ -337,6 +337,20 @@ def test_16bit_tiff_grayscale_through_the_mapper(tmp_path, config_mapper):
     assert BioDatasetMapper(config_mapper, is_train=True)(record)["image"].shape == (1, 64, 64)
 
 
+def test_vertical_flip_in_training_only_when_asked(tmp_path, config_mapper):
+    box = box_annotation(64, 64, 8, 4, 20, 12)
+    record = make_record(tmp_path / "v.png", np.zeros((64, 64), np.uint8), [box])
+
+    def boxes_over_draws():
+        np.random.seed(0)
+        mapper = BioDatasetMapper(config_mapper, is_train=True)
+        return {tuple(mapper(record)["instances"].gt_boxes.tensor[0].tolist()) for _ in range(16)}
+
+    assert boxes_over_draws() == {(8, 4, 20, 12)}
+    config_mapper.INPUT.VFLIP_TRAIN = True
+    assert boxes_over_draws() == {(8, 4, 20, 12), (8, 52, 20, 60)}  # as is, or upside down
+
+
 def test_training_crops_and_a_separate_test_size(tmp_path, config_mapper):
     record = make_record(tmp_path / "wide.png", np.zeros((50, 100), np.uint8))
     config_mapper.INPUT.TEST_IMAGE_SIZE = 128
