@@ -113,6 +113,17 @@ def add_objguided_config(cfg: CN) -> None:
     # The confidence's exponent in that product: above 1, the mask's confidence weighs more than
     # the keypoint score in the ranking (scores fall, so TEST.BIO_SCORE_THRESH falls with it).
     _C.MASK_CONFIDENCE_POWER = 1.0
+    # A learned mask-quality score (Mask Scoring R-CNN's MaskIoU head, a departure from the
+    # paper): a small head on each ROI's level-0 features and mask probabilities predicts the IoU
+    # of its mask with the object it covers best, and inference multiplies the score by it (after
+    # the confidence, with MASK_CONFIDENCE_SCORE). It learns from the ground-truth ROIs and from
+    # the detector's top TRAIN_DETECTIONS detections of each training image, segmented as at test
+    # time, on detached inputs: the rest of the model trains as without it.
+    _C.MASK_IOU_HEAD = CN()
+    _C.MASK_IOU_HEAD.ENABLED = False         # False: no such head (paper and authors)
+    _C.MASK_IOU_HEAD.LOSS_WEIGHT = 1.0       # weight of its BCE against the masks' IoUs
+    _C.MASK_IOU_HEAD.TRAIN_DETECTIONS = 16   # detections per training image it also learns from
+    _C.MASK_IOU_HEAD.SCORE_POWER = 1.0       # the predicted IoU's exponent in the score
     # At inference, keep each mask's largest 8-connected component only, so that the stray
     # fragments a mask picks up on its neighbours (or on noise) do not count against it. False:
     # every fragment (paper and authors).
@@ -252,6 +263,9 @@ _VALID_VALUES = {
     "MODEL.OBJGUIDED.KEYPOINT_GUIDANCE_SIGMA": (_non_negative, "a fraction, or 0 for none"),
     "MODEL.OBJGUIDED.MASK_THRESH_TEST": (_fraction, "a probability in [0, 1]"),
     "MODEL.OBJGUIDED.MASK_CONFIDENCE_POWER": (_positive, "a positive exponent"),
+    "MODEL.OBJGUIDED.MASK_IOU_HEAD.LOSS_WEIGHT": (_non_negative, "a weight, 0 or more"),
+    "MODEL.OBJGUIDED.MASK_IOU_HEAD.TRAIN_DETECTIONS": (_non_negative, "a count, or 0 for none"),
+    "MODEL.OBJGUIDED.MASK_IOU_HEAD.SCORE_POWER": (_positive, "a positive exponent"),
     "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),
     "MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE": (_non_negative, "a count, or 0 for all"),
     "MODEL.OBJGUIDED.BOX_REFINE_STEPS": (_non_negative, "a count, or 0 for none"),

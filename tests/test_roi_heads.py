@@ -11,6 +11,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances, Polygon
 
 from objguided_d2.modeling import roi_heads as roi_heads_module
 from objguided_d2.modeling.fusion import FUSED_RESIZE_CONV_MIN_CHANNELS
+from objguided_d2.modeling.mask_quality import MaskIoUHead, max_mask_ious
 from objguided_d2.modeling.mask_windows import MaskWindows
 from objguided_d2.modeling.point_sampling import point_counts, select_uncertain_points
 from objguided_d2.modeling.roi_crops import crop_masks, crop_rois
@@ -806,3 +807,115 @@ def test_keypoint_guidance_tells_which_object_of_a_shared_box_to_segment(guidanc
     else:  # the same mask twice (or none): one disc at most
         assert all(torch.equal(mask, masks[0]) for mask in masks)
         assert (ious > 0.7).sum() <= 1, ious
+
+
+def two_rectangles_and_background():
+    """An image with two rectangular objects (their boxes the ground truth) and three detections:
+    the two boxes and one on background."""
+    size = (64, 96)
+    boxes = torch.tensor(
+        [[8.0, 8.0, 32.0, 32.0], [50.0, 20.0, 74.0, 44.0], [40.0, 48.0, 56.0, 60.0]]
+    )
+    masks = torch.stack([rectangle(size, *[int(v) for v in box]) for box in boxes])
+    target = Instances(size)
+    target.gt_boxes = Boxes(boxes[:2])
+    target.gt_masks = BitMasks(masks[:2])
+    proposals = Instances(size)
+    proposals.proposal_boxes = Boxes(boxes)
+    proposals.objectness_logits = torch.tensor([2.0, 1.0, 0.0])
+    proposals.pred_classes = torch.zeros(3, dtype=torch.int64)
+    return size, target, proposals, masks
+
+
+@pytest.mark.parametrize("train_detections, mean_iou", [(2, 1.0), (3, 0.8)])
+def test_mask_iou_head_learns_the_pasted_masks_ious_on_gt_and_detector_rois(
+    train_detections, mean_iou
+):
+    """The head's targets are the IoUs of the pasted masks with the object each covers best: the
+    two ground-truth ROIs' and the top detections' (the third, on background, segments a mask
+    that is no object's); only the head gets gradients from its loss."""
+    size, target, proposals, masks = two_rectangles_and_background()
+    heads = OracleHeads(
+        **head_args(image_conv_channels=1, mask_iou_head=True, refine_enabled=False),
+        mask_iou_train_detections=train_detections,
+    ).train()
+    heads.roi_masks = masks.float()
+    with torch.no_grad():  # every ROI's IoU logit is 1
+        heads.mask_iou_head.predictor.weight.zero_()
+        heads.mask_iou_head.predictor.bias.fill_(1.0)
+    images = ImageList(torch.zeros(1, 3, *size), [size])
+
+    _, losses = heads(images, {}, [proposals], [target])
+
+    # BCE(1, t) = softplus(1) - t: the loss is softplus(1) - the targets' mean
+    assert softplus(1.0) - losses["loss_mask_iou"].item() == pytest.approx(mean_iou, abs=0.03)
+    losses["loss_mask_iou"].backward()
+    assert heads.mask_iou_head.predictor.bias.grad is not None
+    assert all(p.grad is None for name, p in heads.named_parameters() if "mask_iou" not in name)
+
+
+def test_mask_iou_head_gives_an_roi_the_same_logit_alone_or_padded_in_a_group():
+    head = MaskIoUHead(in_channels=3)
+    generator = torch.Generator().manual_seed(0)
+    e1 = torch.randn(2, 3, 21, 30, generator=generator)
+    probs = torch.rand(2, 1, 21, 30, generator=generator)
+    valid = torch.zeros(2, 1, 21, 30)
+    valid[0, :, :13, :18] = 1
+    valid[1] = 1
+    alone = head(e1[:1, :, :13, :18], probs[:1, :, :13, :18], valid[:1, :, :13, :18])
+    padded = head(e1 * valid, probs * valid, valid)
+    torch.testing.assert_close(padded[:1], alone)
+    assert padded.shape == (2,)
+
+
+def test_max_mask_ious_match_each_mask_to_the_object_it_covers_best():
+    size = (10, 10)
+    gt = torch.stack([rectangle(size, 0, 0, 4, 4), rectangle(size, 5, 5, 10, 10)])
+    masks = torch.stack(
+        [rectangle(size, 0, 0, 4, 2), rectangle(size, 5, 5, 10, 10), torch.zeros(size, dtype=bool)]
+    )
+    torch.testing.assert_close(max_mask_ious(masks, gt), torch.tensor([0.5, 1.0, 0.0]))
+    torch.testing.assert_close(max_mask_ious(masks, gt[:0]), torch.zeros(3))
+
+
+@pytest.mark.parametrize("mask_confidence_score", [False, True])
+@pytest.mark.parametrize("score_power", [1.0, 2.0])
+def test_mask_iou_head_scales_the_scores_by_the_predicted_iou(mask_confidence_score, score_power):
+    size, _, proposals, masks = two_rectangles_and_background()
+    heads = SoftOracleHeads(
+        **head_args(
+            image_conv_channels=1,
+            mask_thresh_test=0.5,
+            mask_confidence_score=mask_confidence_score,
+            mask_iou_head=True,
+            mask_iou_score_power=score_power,
+        )
+    ).eval()
+    heads.roi_masks = 0.8 * masks.float()
+    with torch.no_grad():  # a predicted IoU of sigmoid(-1) for every mask
+        heads.mask_iou_head.predictor.weight.zero_()
+        heads.mask_iou_head.predictor.bias.fill_(-1.0)
+    images = ImageList(torch.zeros(1, 3, *size), [size])
+
+    (result,), _ = heads(images, {}, [proposals])
+
+    expected = (
+        proposals.objectness_logits.sigmoid() * torch.sigmoid(torch.tensor(-1.0)) ** score_power
+    )
+    if mask_confidence_score:
+        expected = expected * 0.8
+    torch.testing.assert_close(result.scores, expected, atol=0.01, rtol=0)
+
+
+def test_mask_iou_head_on_a_batch_without_rois_gives_grads_for_every_parameter():
+    heads = make_heads(mask_iou_head=True).train()
+    images, features = make_inputs()
+    empty = Instances(IMAGE_SIZES[0])
+    empty.proposal_boxes = Boxes(torch.zeros(0, 4))
+    _, losses = heads(
+        images, features, [empty, empty], [empty_target(size) for size in IMAGE_SIZES]
+    )
+    assert losses["loss_mask_iou"].item() == 0
+    sum(losses.values()).backward()
+    for name, parameter in heads.named_parameters():
+        assert parameter.grad is not None, name

@@ -32,6 +32,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import nn
 
 from .fusion import FusionBlock
+from .mask_quality import MaskIoUHead, max_mask_ious
 from .mask_windows import MaskWindows, mask_nms, paste_mask_windows
 from .point_sampling import point_sample_rois, sample_uncertain_points
 from .roi_crops import (
@@ -131,6 +132,10 @@ class ObjGuidedROIHeads(nn.Module):
         paste_normalized: bool = True,
         mask_confidence_score: bool = False,
         mask_confidence_power: float = 1.0,
+        mask_iou_head: bool = False,
+        mask_iou_loss_weight: float = 1.0,
+        mask_iou_train_detections: int = 16,
+        mask_iou_score_power: float = 1.0,
         mask_largest_component: bool = False,
         mask_nms_thresh: float = 0.2,
         detections_per_image: int = 1000,
@@ -187,6 +192,15 @@ class ObjGuidedROIHeads(nn.Module):
                 ``mask_thresh_test`` (0 for an empty mask); False: the keypoint score (paper).
             mask_confidence_power: the confidence's exponent in that product (above 1, the
                 masks' confidence weighs more than the keypoint score in the ranking).
+            mask_iou_head: learn a :class:`.mask_quality.MaskIoUHead` and, at inference, multiply
+                each detection's score by its predicted mask IoU to ``mask_iou_score_power``
+                (after the confidence, with ``mask_confidence_score``); False: none (paper).
+            mask_iou_loss_weight: weight of its loss, the BCE of its IoU logits against the IoU
+                of each training ROI's pasted mask with the object it covers best.
+            mask_iou_train_detections: the detector's top detections per training image the head
+                also learns from (segmented as at inference, from ROIs ``box_enlarge_test`` times
+                their boxes), besides the ground-truth ROIs.
+            mask_iou_score_power: the predicted IoU's exponent in the score.
             mask_largest_component: at inference, keep each pasted mask's largest 8-connected
                 component only (before mask NMS; the box refinement sees whole masks); False:
                 every fragment (paper and authors).
@@ -231,6 +245,9 @@ class ObjGuidedROIHeads(nn.Module):
         self.paste_normalized = paste_normalized
         self.mask_confidence_score = mask_confidence_score
         self.mask_confidence_power = mask_confidence_power
+        self.mask_iou_loss_weight = mask_iou_loss_weight
+        self.mask_iou_train_detections = mask_iou_train_detections
+        self.mask_iou_score_power = mask_iou_score_power
         self.mask_largest_component = mask_largest_component
         self.mask_nms_thresh = mask_nms_thresh
         self.detections_per_image = detections_per_image
@@ -272,6 +289,7 @@ class ObjGuidedROIHeads(nn.Module):
             self.keypoint_projections = nn.ModuleList(
                 nn.Conv2d(1, c, 1, bias=False) for c in channels
             )
+        self.mask_iou_head = MaskIoUHead(channels[0]) if mask_iou_head else None
         if refine_enabled:
             self.point_head0 = nn.Conv1d(channels[0], 1, 1)
             self.point_head1 = nn.Conv1d(channels[0] + channels[1], 1, 1)
@@ -301,6 +319,10 @@ class ObjGuidedROIHeads(nn.Module):
             "paste_normalized": og.PASTE_NORMALIZED,
             "mask_confidence_score": og.MASK_CONFIDENCE_SCORE,
             "mask_confidence_power": og.MASK_CONFIDENCE_POWER,
+            "mask_iou_head": og.MASK_IOU_HEAD.ENABLED,
+            "mask_iou_loss_weight": og.MASK_IOU_HEAD.LOSS_WEIGHT,
+            "mask_iou_train_detections": og.MASK_IOU_HEAD.TRAIN_DETECTIONS,
+            "mask_iou_score_power": og.MASK_IOU_HEAD.SCORE_POWER,
             "mask_largest_component": og.MASK_LARGEST_COMPONENT,
             "mask_nms_thresh": og.MASK_NMS_THRESH,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
@@ -328,8 +350,8 @@ class ObjGuidedROIHeads(nn.Module):
             images: the normalized, padded batch (level 0 convolves ``images.tensor``).
             features: backbone maps, at least ``in_features``.
             proposals: per image, ``proposal_boxes`` (network-input pixels),
-                ``objectness_logits``, ``pred_classes`` and optionally ``proposal_keypoints``;
-                unused in training.
+                ``objectness_logits``, ``pred_classes`` and optionally ``proposal_keypoints``,
+                sorted by score; in training, read by the mask-IoU head only.
             targets: per image, ``gt_boxes``, ``gt_masks`` (BitMasks at the network-input
                 size) and optionally ``gt_interior_points``; required in training.
             output_sizes: per image, the (height, width) to predict at; boxes and masks are
@@ -343,7 +365,7 @@ class ObjGuidedROIHeads(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("ObjGuidedROIHeads needs targets (gt_boxes, gt_masks) in training")
-            return proposals, self.losses(images, features, targets)
+            return proposals, self.losses(images, features, targets, proposals)
         if output_sizes is None:
             output_sizes = images.image_sizes
         if placements is None:
@@ -533,14 +555,20 @@ class ObjGuidedROIHeads(nn.Module):
     # ---------------------------------------------------------------------------------------
 
     def losses(
-        self, images: ImageList, features: dict[str, torch.Tensor], targets: list[Instances]
+        self,
+        images: ImageList,
+        features: dict[str, torch.Tensor],
+        targets: list[Instances],
+        proposals: Sequence[Instances] = (),
     ) -> dict[str, torch.Tensor]:
-        """Mask BCE on the ground-truth boxes and, with refinement, the point-head BCE.
+        """Mask BCE on the ground-truth boxes and, with refinement, the point-head BCE; with the
+        mask-IoU head, its BCE on those ROIs and on the top ``proposals`` of each image.
 
         ``loss_mask`` = weight * mean over ROIs of each ROI's mean BCE against its soft (bilinearly
         cropped) ground truth plus ``mask_dice_weight`` * its soft Dice loss; ``loss_refine`` =
         weight * mean over ROIs and point heads of the mean BCE at the sampled points (authors'
-        averaging).
+        averaging); ``loss_mask_iou`` = weight * mean over ROIs of the BCE of the IoU logit
+        against the pasted mask's IoU (:meth:`_mask_iou_losses`).
         """
         boxes, keypoints, batch_index, gt_masks = self._training_rois(
             targets, images.tensor.shape[-2:]
@@ -569,6 +597,11 @@ class ObjGuidedROIHeads(nn.Module):
         losses = {"loss_mask": self.mask_loss_weight * _mean(mask_losses, idle) + idle}
         if self.refine_enabled:
             losses["loss_refine"] = self.refine_loss_weight * _mean(refine_losses, idle)
+        if self.mask_iou_head is not None:
+            iou_losses = self._mask_iou_losses(
+                level_maps, targets, proposals, [(batch_index, pyramid, groups, outputs)]
+            )
+            losses["loss_mask_iou"] = self.mask_iou_loss_weight * _mean(iou_losses, idle)
         return losses
 
     def _training_rois(
@@ -598,6 +631,51 @@ class ObjGuidedROIHeads(nn.Module):
         if self.train_box_jitter > 0:
             boxes = jitter_boxes(boxes, self.train_box_jitter)
         return boxes, torch.cat(keypoints), torch.cat(batch_index), torch.cat(masks)
+
+    def _mask_iou_losses(
+        self,
+        level_maps: list[torch.Tensor],
+        targets: Sequence[Instances],
+        proposals: Sequence[Instances],
+        segmented: list[tuple[torch.Tensor, RoiPyramid, list[RoiGroup], list[GroupOutput]]],
+    ) -> list[torch.Tensor]:
+        """Per group of ROIs, the (G,) BCE of the mask-IoU head's logits against the IoU of each
+        ROI's pasted mask with the ground-truth object it overlaps best: the ROIs ``segmented``
+        ((batch index, pyramid, groups, outputs) of the mask loss's), and the top
+        ``mask_iou_train_detections`` of each image's ``proposals``, segmented here as at
+        inference. The head reads detached inputs."""
+        boxes, keypoints, batch_index = _proposal_rois(
+            [p[: self.mask_iou_train_detections] for p in proposals]
+        )
+        if len(boxes):
+            with torch.no_grad():
+                pyramid = self.build_pyramid(boxes, self.box_enlarge_test)
+                groups = self.group(pyramid)
+                outputs = self.segment(level_maps, batch_index, pyramid, groups, keypoints)
+            segmented = [*segmented, (batch_index, pyramid, groups, outputs)]
+        losses = []
+        for batch_index, pyramid, groups, outputs in segmented:
+            for group, out in zip(groups, outputs):
+                probs = out.logits.detach().sigmoid()
+                valid0 = valid_mask(out.valid_hw[:, 0], probs.shape[-2:]).to(probs.dtype)
+                logits = self.mask_iou_head(out.e1.detach(), probs, valid0)
+                ious = torch.zeros_like(logits)
+                rois = group.indices
+                for image_index in batch_index[rois].unique().tolist():
+                    mine = batch_index[rois] == image_index
+                    target = targets[image_index]
+                    windows = paste_mask_windows(
+                        probs[mine],
+                        pyramid[rois[mine]],
+                        target.image_size,
+                        threshold=self.mask_thresh_test,
+                        normalize=self.paste_normalized,
+                    )
+                    if self.mask_largest_component:
+                        windows = windows.largest_components()
+                    ious[mine] = max_mask_ious(windows.to_masks(), target.gt_masks.tensor)
+                losses.append(F.binary_cross_entropy_with_logits(logits, ious, reduction="none"))
+        return losses
 
     def _refine_losses(self, out: GroupOutput, gt: torch.Tensor) -> list[torch.Tensor]:
         """Per-ROI mean BCE of each point head at the group's uncertain points (ROIs without a
@@ -646,18 +724,9 @@ class ObjGuidedROIHeads(nn.Module):
         at ``output_sizes`` of the images the inputs are placed in, mask-NMSed and capped; each
         image's ``pred_boxes`` are the boxes segmented from and its ``pred_masks``
         :class:`.mask_windows.MaskWindows` of the kept masks' tight boxes."""
-        boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
-        keypoints = torch.cat(
-            [_keypoints(p, "proposal_keypoints", p.proposal_boxes) for p in proposals]
-        )
+        boxes, keypoints, batch_index = _proposal_rois(proposals)
         scores = torch.cat([p.objectness_logits.sigmoid() for p in proposals])
         classes = torch.cat([p.pred_classes for p in proposals])
-        batch_index = torch.cat(
-            [
-                torch.full((len(p),), i, dtype=torch.long, device=boxes.device)
-                for i, p in enumerate(proposals)
-            ]
-        )
         # With autograd off, inference mode skips the view and version tracking of each of the
         # branch's thousands of small operations. Its tensors stay inside: the returned fields
         # are ordinary tensors, which callers may modify in place.
@@ -724,11 +793,12 @@ class ObjGuidedROIHeads(nn.Module):
         pyramid: RoiPyramid,
         groups: Sequence[RoiGroup],
         keypoints: torch.Tensor,
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per group, its ROIs' (G, 1, Hp, Wp) level-0 mask probabilities, the mean over the
         views (in a flipped one, segmented from the mirrored grids and keypoints, then flipped
-        back), and their (G, L, 2) int64 valid (h, w)."""
-        total = None
+        back), their (G, L, 2) int64 valid (h, w) and their (G, C0, Hp, Wp) e1 in the first
+        view."""
+        total = first = None
         for view in views:
             points = keypoints.clone()
             for dim in view.dims:  # (x, y) in continuous coordinates: x -> W - x
@@ -737,7 +807,8 @@ class ObjGuidedROIHeads(nn.Module):
             outputs = self.segment(view.level_maps, batch_index, mirrored, groups, points)
             probs = [flip_rois(o.logits.sigmoid(), o.valid_hw[:, 0], view.dims) for o in outputs]
             total = probs if total is None else [t + p for t, p in zip(total, probs)]
-        return [(t / len(views), out.valid_hw) for t, out in zip(total, outputs)]
+            first = outputs if first is None else first
+        return [(t / len(views), out.valid_hw, out.e1) for t, out in zip(total, first)]
 
     def _pasted_masks(
         self,
@@ -748,26 +819,24 @@ class ObjGuidedROIHeads(nn.Module):
         keypoints: torch.Tensor,
         image_hws: Sequence[tuple[int, int]],
         output_sizes: Sequence[tuple[int, int]],
-        with_confidence: bool = False,
+        with_mask_scores: bool = False,
     ) -> Iterator[tuple[int, torch.Tensor, MaskWindows, torch.Tensor | None]]:
         """Segment the ROIs of ``pyramid`` and paste their masks, ``placed`` in images of
         ``image_hws`` (the same ROIs, translated where an input is a tile), at ``output_sizes``,
         a few groups at a time: the branch's feature maps then grow with the groups' pixels, not
         with all the ROIs' pixels. Yields (image, (K,) int64 ROI indices, their K masks'
-        windows, their (K,) :func:`mask_confidence` with ``with_confidence``, else None), group by
+        windows, their (K,) :meth:`_mask_scores` with ``with_mask_scores``, else None), group by
         group."""
         for chunk in _group_chunks(self.group(pyramid), self.max_inference_pixels):
             outputs = self._roi_probabilities(views, batch_index, pyramid, chunk, keypoints)
-            for group, (group_probs, valid_hw) in zip(chunk, outputs):
+            for group, (group_probs, valid_hw, e1) in zip(chunk, outputs):
                 for image_index in batch_index[group.indices].unique().tolist():
                     mine = batch_index[group.indices] == image_index
                     indices = group.indices[mine]
                     probs = group_probs[mine]
-                    confidence = None
-                    if with_confidence:
-                        confidence = mask_confidence(
-                            probs, valid_hw[mine, 0], self.mask_thresh_test
-                        )
+                    mask_scores = None
+                    if with_mask_scores:
+                        mask_scores = self._mask_scores(probs, valid_hw[mine, 0], e1[mine])
                     windows = paste_mask_windows(
                         probs,
                         placed[indices],
@@ -776,7 +845,23 @@ class ObjGuidedROIHeads(nn.Module):
                         threshold=self.mask_thresh_test,
                         normalize=self.paste_normalized,
                     )
-                    yield image_index, indices, windows, confidence
+                    yield image_index, indices, windows, mask_scores
+
+    def _mask_scores(
+        self, probs: torch.Tensor, valid_hw: torch.Tensor, e1: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(K,) factor of each detection's score from its mask: its :func:`mask_confidence` to
+        ``mask_confidence_power`` and / or its predicted IoU to ``mask_iou_score_power``; None
+        with neither. probs (K, 1, Hp, Wp), valid_hw (K, 2) level-0 (h, w), e1 (K, C0, Hp, Wp)."""
+        factor = None
+        if self.mask_confidence_score:
+            confidence = mask_confidence(probs, valid_hw, self.mask_thresh_test)
+            factor = confidence**self.mask_confidence_power
+        if self.mask_iou_head is not None:
+            valid0 = valid_mask(valid_hw, probs.shape[-2:]).to(probs.dtype)
+            iou = self.mask_iou_head(e1, probs, valid0).sigmoid() ** self.mask_iou_score_power
+            factor = iou if factor is None else factor * iou
+        return factor
 
     def _kept_masks(
         self,
@@ -790,8 +875,7 @@ class ObjGuidedROIHeads(nn.Module):
     ) -> list[tuple[torch.Tensor, MaskWindows, torch.Tensor, torch.Tensor]]:
         """Per image: the kept ROIs ((K,) int64 indices into ``boxes``), the pasted masks'
         windows of all its ROIs, which of them are kept ((K,) int64) and the kept ones' (K,)
-        scores (``scores``, times the masks' confidences to ``mask_confidence_power`` with
-        ``mask_confidence_score``).
+        scores (``scores``, times the factor :meth:`_mask_scores` gives).
         ``keypoints`` (R, 2): the ROIs' keypoints; ``batch_index`` (R,) their images."""
         pyramid = self.build_pyramid(boxes)
         # the ROIs in the images the inputs are placed in, where their masks are pasted
@@ -800,7 +884,7 @@ class ObjGuidedROIHeads(nn.Module):
         image_rois = [[] for _ in placements]
         image_windows = [[] for _ in placements]
         image_scores = [[] for _ in placements]
-        for image_index, indices, windows, confidence in self._pasted_masks(
+        for image_index, indices, windows, mask_scores in self._pasted_masks(
             views,
             batch_index,
             pyramid,
@@ -808,16 +892,14 @@ class ObjGuidedROIHeads(nn.Module):
             keypoints,
             [p.image_hw for p in placements],
             output_sizes,
-            with_confidence=self.mask_confidence_score,
+            with_mask_scores=True,
         ):
             if self.mask_largest_component:
                 windows = windows.largest_components()
             image_rois[image_index].append(indices)
             image_windows[image_index].append(windows)
             image_scores[image_index].append(
-                scores[indices]
-                if confidence is None
-                else scores[indices] * confidence**self.mask_confidence_power
+                scores[indices] if mask_scores is None else scores[indices] * mask_scores
             )
 
         kept_masks = []
@@ -851,6 +933,26 @@ def _group_chunks(groups: Sequence[RoiGroup], max_pixels: int) -> list[list[RoiG
         chunks[-1].append(group)
         pixels += size
     return chunks
+
+
+def _proposal_rois(
+    proposals: Sequence[Instances],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The proposals' (R, 4) boxes, (R, 2) keypoints and (R,) int64 images, image after image."""
+    if not proposals:
+        empty = torch.zeros(0, 4)
+        return empty, empty[:, :2], torch.zeros(0, dtype=torch.long)
+    boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
+    keypoints = torch.cat(
+        [_keypoints(p, "proposal_keypoints", p.proposal_boxes) for p in proposals]
+    )
+    batch_index = torch.cat(
+        [
+            torch.full((len(p),), i, dtype=torch.long, device=boxes.device)
+            for i, p in enumerate(proposals)
+        ]
+    )
+    return boxes, keypoints, batch_index
 
 
 def _keypoints(instances: Instances, field: str, boxes: Boxes) -> torch.Tensor:
