@@ -118,7 +118,8 @@ def add_objguided_config(cfg: CN) -> None:
     # of its mask with the object it covers best, and inference multiplies the score by it (after
     # the confidence, with MASK_CONFIDENCE_SCORE). It learns from the ground-truth ROIs and from
     # the detector's top TRAIN_DETECTIONS detections of each training image, segmented as at test
-    # time, on detached inputs: the rest of the model trains as without it.
+    # time, on detached inputs: the rest of the model trains as without it (measured on the
+    # synthetic neural-like cells and left off there: docs/accuracy.md).
     _C.MASK_IOU_HEAD = CN()
     _C.MASK_IOU_HEAD.ENABLED = False         # False: no such head (paper and authors)
     _C.MASK_IOU_HEAD.LOSS_WEIGHT = 1.0       # weight of its BCE against the masks' IoUs

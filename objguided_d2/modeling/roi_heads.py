@@ -11,7 +11,8 @@ image, filters them with mask NMS and writes out the kept ones as full-image mas
 (:mod:`.mask_windows`); given flipped copies of the batch (:class:`FlippedBatch`), each ROI's
 probabilities are the mean of its segmentations in the batch and in each copy. Optionally
 (``keypoint_guidance_sigma``, a departure from the paper), each ROI's crops also carry a Gaussian
-at its keypoint, so that a box holding several objects says which one is meant.
+at its keypoint, so that a box holding several objects says which one is meant, and
+(``mask_iou_head``) a learned score of each mask's IoU (:mod:`.mask_quality`) joins its ranking.
 
 The branch's computation is written once (:meth:`ObjGuidedROIHeads.mask_branch`) and runs two
 ways: on padded groups of ROIs (:func:`.roi_crops.group_rois`), each layer in its padded-batch
