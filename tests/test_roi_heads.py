@@ -862,8 +862,8 @@ def test_mask_iou_head_gives_an_roi_the_same_logit_alone_or_padded_in_a_group():
     valid = torch.zeros(2, 1, 21, 30)
     valid[0, :, :13, :18] = 1
     valid[1] = 1
-    alone = head(e1[:1, :, :13, :18], probs[:1, :, :13, :18], valid[:1, :, :13, :18])
-    padded = head(e1 * valid, probs * valid, valid)
+    alone = head(e1[:1, :, :13, :18], probs[:1, :, :13, :18], torch.tensor([[13, 18]]))
+    padded = head(e1 * valid, probs * valid, torch.tensor([[13, 18], [21, 30]]))
     torch.testing.assert_close(padded[:1], alone)
     assert padded.shape == (2,)
 

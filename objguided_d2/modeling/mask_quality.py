@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .roi_crops import valid_mask
+
 __all__ = ["MaskIoUHead", "max_mask_ious"]
 
 
@@ -41,9 +43,12 @@ class MaskIoUHead(nn.Module):
         self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1)
         self.predictor = nn.Linear(hidden_channels, 1)
 
-    def forward(self, e1: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(G,) IoU logits of (G, C, Hp, Wp) e1, (G, 1, Hp, Wp) probabilities and (G, 1, Hp, Wp)
-        0/1 validity (each ROI valid in its top-left h x w)."""
+    def forward(
+        self, e1: torch.Tensor, probs: torch.Tensor, valid_hw: torch.Tensor
+    ) -> torch.Tensor:
+        """(G,) IoU logits of (G, C, Hp, Wp) e1 and (G, 1, Hp, Wp) probabilities, each ROI valid
+        in its top-left (h, w) of (G, 2) int64 ``valid_hw``."""
+        valid = valid_mask(valid_hw, probs.shape[-2:]).to(probs.dtype)
         x = torch.cat([e1, probs, valid], dim=1) * valid
         cell_valid = F.avg_pool2d(valid, self.pool, ceil_mode=True)
         x = F.avg_pool2d(x, self.pool, ceil_mode=True) / cell_valid.clamp(min=1e-6)

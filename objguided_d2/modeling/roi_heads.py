@@ -645,33 +645,28 @@ class ObjGuidedROIHeads(nn.Module):
         ((batch index, pyramid, groups, outputs) of the mask loss's), and the top
         ``mask_iou_train_detections`` of each image's ``proposals``, segmented here as at
         inference. The head reads detached inputs."""
-        boxes, keypoints, batch_index = _proposal_rois(
+        detection_boxes, detection_keypoints, detection_index = _proposal_rois(
             [p[: self.mask_iou_train_detections] for p in proposals]
         )
-        if len(boxes):
+        if len(detection_boxes):
             with torch.no_grad():
-                pyramid = self.build_pyramid(boxes, self.box_enlarge_test)
+                pyramid = self.build_pyramid(detection_boxes, self.box_enlarge_test)
                 groups = self.group(pyramid)
-                outputs = self.segment(level_maps, batch_index, pyramid, groups, keypoints)
-            segmented = [*segmented, (batch_index, pyramid, groups, outputs)]
+                outputs = self.segment(
+                    level_maps, detection_index, pyramid, groups, detection_keypoints
+                )
+            segmented = [*segmented, (detection_index, pyramid, groups, outputs)]
         losses = []
         for batch_index, pyramid, groups, outputs in segmented:
             for group, out in zip(groups, outputs):
                 probs = out.logits.detach().sigmoid()
-                valid0 = valid_mask(out.valid_hw[:, 0], probs.shape[-2:]).to(probs.dtype)
-                logits = self.mask_iou_head(out.e1.detach(), probs, valid0)
+                logits = self.mask_iou_head(out.e1.detach(), probs, out.valid_hw[:, 0])
                 ious = torch.zeros_like(logits)
                 rois = group.indices
                 for image_index in batch_index[rois].unique().tolist():
                     mine = batch_index[rois] == image_index
                     target = targets[image_index]
-                    windows = paste_mask_windows(
-                        probs[mine],
-                        pyramid[rois[mine]],
-                        target.image_size,
-                        threshold=self.mask_thresh_test,
-                        normalize=self.paste_normalized,
-                    )
+                    windows = self._paste_masks(probs[mine], pyramid[rois[mine]], target.image_size)
                     if self.mask_largest_component:
                         windows = windows.largest_components()
                     ious[mine] = max_mask_ious(windows.to_masks(), target.gt_masks.tensor)
@@ -838,15 +833,28 @@ class ObjGuidedROIHeads(nn.Module):
                     mask_scores = None
                     if with_mask_scores:
                         mask_scores = self._mask_scores(probs, valid_hw[mine, 0], e1[mine])
-                    windows = paste_mask_windows(
-                        probs,
-                        placed[indices],
-                        image_hws[image_index],
-                        output_sizes[image_index],
-                        threshold=self.mask_thresh_test,
-                        normalize=self.paste_normalized,
+                    windows = self._paste_masks(
+                        probs, placed[indices], image_hws[image_index], output_sizes[image_index]
                     )
                     yield image_index, indices, windows, mask_scores
+
+    def _paste_masks(
+        self,
+        probs: torch.Tensor,
+        rois: RoiPyramid,
+        input_hw: Sequence[int],
+        output_hw: Sequence[int] | None = None,
+    ) -> MaskWindows:
+        """The binary masks of (K, 1, Hp, Wp) ROI probabilities pasted into an ``input_hw``
+        image at ``output_hw`` (default ``input_hw``), thresholded at ``mask_thresh_test``."""
+        return paste_mask_windows(
+            probs,
+            rois,
+            input_hw,
+            output_hw,
+            threshold=self.mask_thresh_test,
+            normalize=self.paste_normalized,
+        )
 
     def _mask_scores(
         self, probs: torch.Tensor, valid_hw: torch.Tensor, e1: torch.Tensor
@@ -859,8 +867,7 @@ class ObjGuidedROIHeads(nn.Module):
             confidence = mask_confidence(probs, valid_hw, self.mask_thresh_test)
             factor = confidence**self.mask_confidence_power
         if self.mask_iou_head is not None:
-            valid0 = valid_mask(valid_hw, probs.shape[-2:]).to(probs.dtype)
-            iou = self.mask_iou_head(e1, probs, valid0).sigmoid() ** self.mask_iou_score_power
+            iou = self.mask_iou_head(e1, probs, valid_hw).sigmoid() ** self.mask_iou_score_power
             factor = iou if factor is None else factor * iou
         return factor
 
