@@ -130,11 +130,20 @@ def add_objguided_config(cfg: CN) -> None:
     # every fragment (paper and authors).
     _C.MASK_LARGEST_COMPONENT = False
     _C.MASK_NMS_THRESH = 0.2         # mask IoU above which a lower-scored mask is suppressed
+    # Before that NMS, decay each mask's score by its overlaps with the masks scored above it,
+    # as SOLOv2's Matrix NMS with a Gaussian kernel of this sigma (2.0 there), so that a mask
+    # overlapping a better one drops in the ranking instead of out of it (a test-time departure
+    # from the paper). 0: none (paper and authors).
+    _C.MASK_MATRIX_NMS_SIGMA = 0.0
     # At inference, segment each ROI also in copies of the input flipped so ("horizontal",
     # "vertical", "both": turned by 180 degrees) and average its mask probabilities over them,
     # the confidence of MASK_CONFIDENCE_SCORE included; each flip costs one more backbone and
     # mask-branch pass. The detector reads the input alone. []: none (paper and authors).
     _C.MASK_TEST_FLIPS = []
+    # With MASK_TEST_FLIPS, multiply each detection's score by the agreement of its views, the
+    # mean IoU of its ROI mask (at MASK_THRESH_TEST) in each flipped view with its mask in the
+    # input, to this power: the views disagree where the branch is unsure. 0: none.
+    _C.MASK_FLIP_AGREEMENT_POWER = 0.0
     # Network inputs with a side above TILE_SIZE (e.g. large images at INPUT.TEST_SCALE) are
     # segmented in overlapping tiles of that side; an object is kept from the tile whose core
     # (the tile less half of each overlap) holds its keypoint, and mask NMS runs across tiles.
@@ -268,6 +277,8 @@ _VALID_VALUES = {
     "MODEL.OBJGUIDED.MASK_IOU_HEAD.TRAIN_DETECTIONS": (_non_negative, "a count, or 0 for none"),
     "MODEL.OBJGUIDED.MASK_IOU_HEAD.SCORE_POWER": (_positive, "a positive exponent"),
     "MODEL.OBJGUIDED.MASK_NMS_THRESH": (_fraction, "an IoU in [0, 1]"),
+    "MODEL.OBJGUIDED.MASK_MATRIX_NMS_SIGMA": (_non_negative, "a sigma, or 0 for none"),
+    "MODEL.OBJGUIDED.MASK_FLIP_AGREEMENT_POWER": (_non_negative, "an exponent, or 0 for none"),
     "MODEL.OBJGUIDED.MAX_TRAIN_ROIS_PER_IMAGE": (_non_negative, "a count, or 0 for all"),
     "MODEL.OBJGUIDED.BOX_REFINE_STEPS": (_non_negative, "a count, or 0 for none"),
     "MODEL.OBJGUIDED.BOX_REFINE_ENLARGE": (
@@ -291,3 +302,10 @@ def check_config(cfg: CN) -> None:
             value = value[part]
         if not valid(value):
             raise ValueError(f"Config key {key} is {value!r}; expected {expected}")
+    og = cfg.MODEL.OBJGUIDED
+    if og.MASK_FLIP_AGREEMENT_POWER > 0 and not og.MASK_TEST_FLIPS:
+        raise ValueError(
+            "Config key MODEL.OBJGUIDED.MASK_FLIP_AGREEMENT_POWER is "
+            f"{og.MASK_FLIP_AGREEMENT_POWER!r} but MODEL.OBJGUIDED.MASK_TEST_FLIPS is empty; the "
+            "agreement needs flipped views"
+        )

@@ -1,6 +1,8 @@
 """Paste-back and mask NMS on mask windows, checked against full-canvas references and brute
 force."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from objguided_d2.modeling.mask_windows import (
     MaskWindows,
     mask_nms,
     mask_to_boxes,
+    matrix_nms_decay,
     overlapping_box_pairs,
     paste_mask_windows,
 )
@@ -234,6 +237,46 @@ def test_mask_nms_matches_brute_force_on_random_overlaps():
     windows = _random_windows(masks, torch.Generator().manual_seed(8))
     assert torch.equal(windows.to_masks(), masks)
     assert mask_nms(windows, scores, 0.3, max_chunk_elements=500).tolist() == expected
+
+
+def test_matrix_nms_decay_follows_the_better_masks_overlaps_and_their_own():
+    masks = torch.zeros(4, 40, 40, dtype=torch.bool)
+    masks[0, 0:10, 0:10] = True  # the best: kept as it is
+    masks[1, 0:10, 0:5] = True  # IoU 1/2 with 0: decayed by exp(-2 / 4)
+    # IoU 0.3 with 0 and 0.6 with 1, whose own IoU 1/2 with 0 compensates: by exp(-2 * 0.11)
+    masks[2, 0:10, 2:5] = True
+    masks[3, 30:40, 30:40] = True  # disjoint: kept as it is
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    decayed = matrix_nms_decay(MaskWindows.from_masks(masks), scores, sigma=2.0)
+    expected = scores * torch.tensor([1.0, math.exp(-0.5), math.exp(-2 * (0.36 - 0.25)), 1.0])
+    torch.testing.assert_close(decayed, expected)
+    empty = MaskWindows.from_masks(torch.zeros(2, 8, 8, dtype=torch.bool))
+    unchanged = torch.tensor([0.5, 0.4])
+    assert torch.equal(matrix_nms_decay(empty, unchanged, 2.0), unchanged)
+
+
+def test_matrix_nms_decay_matches_the_dense_formula_on_random_overlaps():
+    generator = torch.Generator().manual_seed(11)
+    num, size = 30, 48
+    masks = torch.zeros(num, size, size, dtype=torch.bool)
+    for r in range(num):
+        y, x = torch.randint(0, size - 6, (2,), generator=generator).tolist()
+        h, w = torch.randint(2, 24, (2,), generator=generator).tolist()
+        masks[r, y : y + h, x : x + w] = True
+    scores = torch.rand(num, generator=generator)
+    # SOLOv2's dense form, over the masks sorted by score
+    order = torch.argsort(scores, descending=True)
+    flat = masks[order].flatten(1).double()
+    inter = flat @ flat.T
+    iou = (inter / (flat.sum(1)[:, None] + flat.sum(1)[None, :] - inter)).triu(diagonal=1)
+    largest = iou.max(dim=0).values
+    decay = torch.exp(-2.0 * (iou**2 - largest[:, None] ** 2)).min(dim=0).values.clamp(max=1)
+    expected = torch.empty_like(scores)
+    expected[order] = scores[order] * decay.float()
+    windows = _random_windows(masks, torch.Generator().manual_seed(12))
+    torch.testing.assert_close(
+        matrix_nms_decay(windows, scores, 2.0, max_chunk_elements=300), expected
+    )
 
 
 def testoverlapping_box_pairs_block_by_block_are_alloverlapping_box_pairs():

@@ -15,7 +15,7 @@ from objguided_d2.modeling.mask_quality import MaskIoUHead, max_mask_ious
 from objguided_d2.modeling.mask_windows import MaskWindows
 from objguided_d2.modeling.point_sampling import point_counts, select_uncertain_points
 from objguided_d2.modeling.roi_crops import crop_masks, crop_rois
-from objguided_d2.modeling.roi_heads import GroupOutput, ObjGuidedROIHeads
+from objguided_d2.modeling.roi_heads import FlippedBatch, GroupOutput, ObjGuidedROIHeads
 from objguided_d2.modeling.tiling import Placement
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -623,6 +623,41 @@ def test_mask_confidence_scales_the_scores_and_reorders_the_detections(
         boxes = [objects[0][1], objects[1][1]]
         torch.testing.assert_close(result.scores, keypoint_scores)
     torch.testing.assert_close(result.pred_boxes.tensor, torch.tensor(boxes))
+
+
+@pytest.mark.parametrize("agreement_power", [0.0, 1.0, 2.0])
+def test_flip_agreement_scales_the_scores_by_the_views_mask_iou(agreement_power):
+    """With a flipped view, a detection's score is multiplied by the IoU of its mask in that view
+    (flipped back) with its mask in the input, to the given power: here the left ROI's mirror
+    image holds only half of its object (IoU 1/2), the right ROI's all of it (IoU 1)."""
+    size = (64, 96)
+    boxes = torch.tensor([[8.0, 8.0, 32.0, 32.0], [50.0, 20.0, 74.0, 44.0]])
+    proposals = Instances(size)
+    proposals.proposal_boxes = Boxes(boxes)
+    proposals.objectness_logits = torch.tensor([2.0, 1.0])
+    proposals.pred_classes = torch.zeros(2, dtype=torch.int64)
+    heads = OracleHeads(
+        **head_args(
+            mask_thresh_test=0.5,
+            roi_pixel_grid=True,
+            mask_flip_agreement_power=agreement_power,
+        )
+    ).eval()
+    # what each ROI's mirrored ROI (x -> 96 - x) reads: half the object, or all of it
+    heads.roi_masks = torch.stack(
+        [
+            rectangle(size, 8, 8, 32, 32) | rectangle(size, 64, 8, 76, 32),
+            rectangle(size, 50, 20, 74, 44) | rectangle(size, 22, 20, 46, 44),
+        ]
+    ).float()
+    images = ImageList(torch.zeros(1, 3, *size), [size])
+    flipped = [FlippedBatch((-1,), ImageList(images.tensor.flip(-1), [size]), {})]
+
+    (result,), _ = heads(images, {}, [proposals], flipped=flipped)
+
+    left_first = torch.argsort(result.pred_boxes.tensor[:, 0])
+    expected = proposals.objectness_logits.sigmoid() * torch.tensor([0.5, 1.0]) ** agreement_power
+    torch.testing.assert_close(result.scores[left_first], expected, atol=0.01, rtol=0)
 
 
 @pytest.mark.parametrize("mask_largest_component", [False, True])

@@ -25,6 +25,7 @@ __all__ = [
     "MaskWindows",
     "mask_nms",
     "mask_to_boxes",
+    "matrix_nms_decay",
     "overlapping_box_pairs",
     "paste_mask_windows",
 ]
@@ -455,6 +456,51 @@ def overlapping_box_pairs(boxes: torch.Tensor, max_block_pairs: int = 1 << 20) -
     return torch.cat(pairs)
 
 
+def _ranked_overlaps(
+    masks: MaskWindows, scores: torch.Tensor, max_chunk_elements: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-empty masks by decreasing score ((M,) int64 indices into ``masks``; ties keep the
+    lower index first), the (P, 2) pairs (i, j), i < j, of positions in that order whose tight
+    boxes overlap, and their (P,) float64 mask IoUs. Areas and intersections read only the tight
+    box of each mask and the box overlaps of those pairs."""
+    boxes = masks.boxes.long()
+    nonempty = torch.nonzero(boxes[:, 2] > boxes[:, 0]).squeeze(1)
+    order = nonempty[torch.sort(scores[nonempty], descending=True, stable=True).indices]
+    boxes = boxes[order]
+    areas = _count_in_windows(masks, order, None, boxes[:, :2], boxes[:, 2:], max_chunk_elements)
+    pairs = overlapping_box_pairs(boxes)
+    lo = torch.maximum(boxes[pairs[:, 0], :2], boxes[pairs[:, 1], :2])
+    hi = torch.minimum(boxes[pairs[:, 0], 2:], boxes[pairs[:, 1], 2:])
+    inter = _count_in_windows(
+        masks, order[pairs[:, 0]], order[pairs[:, 1]], lo, hi, max_chunk_elements
+    )
+    iou = inter.double() / (areas[pairs[:, 0]] + areas[pairs[:, 1]] - inter).double()
+    return order, pairs, iou
+
+
+def matrix_nms_decay(
+    masks: MaskWindows,
+    scores: torch.Tensor,
+    sigma: float,
+    max_chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """SOLOv2's Matrix NMS with its Gaussian kernel: (N,) ``scores`` decayed by each mask's
+    overlap with the masks scored above it. Mask j's score is multiplied by the smallest, over
+    the masks i above it, of exp(-sigma * (IoU(i, j)^2 - c_i^2)), at most 1, where c_i is mask
+    i's largest IoU with a mask above it: a mask that overlaps a near duplicate of a better one
+    is decayed as that duplicate is, not twice. Empty masks keep their scores."""
+    decayed = scores.clone()
+    order, pairs, iou = _ranked_overlaps(masks, scores, max_chunk_elements)
+    if pairs.shape[0] == 0:
+        return decayed
+    below = pairs[:, 1]
+    largest_iou = iou.new_zeros(len(order)).scatter_reduce(0, below, iou, "amax")
+    factor = torch.exp(-sigma * (iou**2 - largest_iou[pairs[:, 0]] ** 2))
+    decay = iou.new_ones(len(order)).scatter_reduce(0, below, factor, "amin")
+    decayed[order] = scores[order] * decay.to(scores.dtype)
+    return decayed
+
+
 def mask_nms(
     masks: MaskWindows,
     scores: torch.Tensor,
@@ -463,9 +509,6 @@ def mask_nms(
 ) -> torch.Tensor:
     """Greedy mask NMS: a mask whose IoU with a higher-scored kept mask exceeds the threshold is
     suppressed. Empty masks are dropped (never kept); ties in score keep the lower index first.
-
-    Areas and intersections read only the tight box of each mask and the box overlaps of
-    box-overlapping pairs.
 
     Args:
         masks: the N masks (:func:`paste_mask_windows`, or :meth:`MaskWindows.from_masks` of
@@ -478,20 +521,7 @@ def mask_nms(
         keep (K,) int64 indices into ``masks``, by decreasing score.
     """
     device = scores.device
-    boxes = masks.boxes.long()
-    nonempty = torch.nonzero(boxes[:, 2] > boxes[:, 0]).squeeze(1)
-    if nonempty.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    order = nonempty[torch.sort(scores[nonempty], descending=True, stable=True).indices]
-    boxes = boxes[order]
-    areas = _count_in_windows(masks, order, None, boxes[:, :2], boxes[:, 2:], max_chunk_elements)
-    pairs = overlapping_box_pairs(boxes)
-    lo = torch.maximum(boxes[pairs[:, 0], :2], boxes[pairs[:, 1], :2])
-    hi = torch.minimum(boxes[pairs[:, 0], 2:], boxes[pairs[:, 1], 2:])
-    inter = _count_in_windows(
-        masks, order[pairs[:, 0]], order[pairs[:, 1]], lo, hi, max_chunk_elements
-    )
-    iou = inter.double() / (areas[pairs[:, 0]] + areas[pairs[:, 1]] - inter).double()
+    order, pairs, iou = _ranked_overlaps(masks, scores, max_chunk_elements)
     # suppressions (i, j), i < j in score order, grouped by i
     suppressing = pairs[iou > iou_threshold].cpu().numpy()
     first = np.searchsorted(suppressing[:, 0], np.arange(len(order) + 1))

@@ -12,7 +12,9 @@ image, filters them with mask NMS and writes out the kept ones as full-image mas
 probabilities are the mean of its segmentations in the batch and in each copy. Optionally
 (``keypoint_guidance_sigma``, a departure from the paper), each ROI's crops also carry a Gaussian
 at its keypoint, so that a box holding several objects says which one is meant, and
-(``mask_iou_head``) a learned score of each mask's IoU (:mod:`.mask_quality`) joins its ranking.
+(``mask_iou_head``) a learned score of each mask's IoU (:mod:`.mask_quality`) joins its ranking,
+as may the agreement of its flipped views (``mask_flip_agreement_power``), and the scores decay
+with the masks' overlaps before NMS (``mask_matrix_nms_sigma``).
 
 The branch's computation is written once (:meth:`ObjGuidedROIHeads.mask_branch`) and runs two
 ways: on padded groups of ROIs (:func:`.roi_crops.group_rois`), each layer in its padded-batch
@@ -21,6 +23,7 @@ plain PyTorch layers (``grid_sample`` crops, ``F.interpolate``, ``nn.InstanceNor
 reference the batched path is tested against.
 """
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -34,7 +37,7 @@ from torch import nn
 
 from .fusion import FusionBlock
 from .mask_quality import MaskIoUHead, max_mask_ious
-from .mask_windows import MaskWindows, mask_nms, paste_mask_windows
+from .mask_windows import MaskWindows, mask_nms, matrix_nms_decay, paste_mask_windows
 from .point_sampling import point_sample_rois, sample_uncertain_points
 from .roi_crops import (
     RoiGroup,
@@ -66,6 +69,21 @@ class GroupOutput(NamedTuple):
     # None for 1-level ROIs
     e2: torch.Tensor | None
     valid_hw: torch.Tensor  # (G, L, 2) int64 (h, w) of each ROI at each of the L levels
+
+
+class RoiProbabilities(NamedTuple):
+    """What inference reads of the mask branch for G ROIs, over the views of the input."""
+
+    probs: torch.Tensor  # (G, 1, H0, W0) level-0 mask probabilities, the mean over the views
+    valid_hw: torch.Tensor  # (G, L, 2) int64 (h, w) of each ROI at each of the L levels
+    e1: torch.Tensor  # (G, C0, H0, W0) level-0 features in the input's view
+    # (G,) mean IoU of each ROI's mask in a flipped view with its mask in the input; None
+    # unless the agreement is scored and there are flipped views
+    view_agreement: torch.Tensor | None
+
+    def select(self, which: torch.Tensor) -> "RoiProbabilities":
+        """The ROIs that ``which`` indexes (a bool mask or indices)."""
+        return RoiProbabilities(*(None if t is None else t[which] for t in self))
 
 
 class FlippedBatch(NamedTuple):
@@ -133,12 +151,14 @@ class ObjGuidedROIHeads(nn.Module):
         paste_normalized: bool = True,
         mask_confidence_score: bool = False,
         mask_confidence_power: float = 1.0,
+        mask_flip_agreement_power: float = 0.0,
         mask_iou_head: bool = False,
         mask_iou_loss_weight: float = 1.0,
         mask_iou_train_detections: int = 16,
         mask_iou_score_power: float = 1.0,
         mask_largest_component: bool = False,
         mask_nms_thresh: float = 0.2,
+        mask_matrix_nms_sigma: float = 0.0,
         detections_per_image: int = 1000,
         max_train_rois_per_image: int = 0,
         refine_enabled: bool = True,
@@ -193,6 +213,11 @@ class ObjGuidedROIHeads(nn.Module):
                 ``mask_thresh_test`` (0 for an empty mask); False: the keypoint score (paper).
             mask_confidence_power: the confidence's exponent in that product (above 1, the
                 masks' confidence weighs more than the keypoint score in the ranking).
+            mask_flip_agreement_power: at inference with flipped views (``predict``'s
+                ``flipped``), multiply each detection's score by the mean IoU of its ROI mask
+                (at ``mask_thresh_test``) in each flipped view with its mask in the input, to
+                this power: a mask the views disagree on is one the branch is unsure of. 0: none
+                (paper).
             mask_iou_head: learn a :class:`.mask_quality.MaskIoUHead` and, at inference, multiply
                 each detection's score by its predicted mask IoU to ``mask_iou_score_power``
                 (after the confidence, with ``mask_confidence_score``); False: none (paper).
@@ -206,6 +231,10 @@ class ObjGuidedROIHeads(nn.Module):
                 component only (before mask NMS; the box refinement sees whole masks); False:
                 every fragment (paper and authors).
             mask_nms_thresh: mask IoU above which a lower-scored mask is suppressed.
+            mask_matrix_nms_sigma: before that NMS, decay each mask's score by its overlaps with
+                the masks scored above it (:func:`.mask_windows.matrix_nms_decay`, SOLOv2's
+                Matrix NMS, this Gaussian sigma), so that an overlapping mask drops in the
+                ranking instead of out of it; 0: none (paper).
             detections_per_image: most masks returned per image.
             max_train_rois_per_image: GT instances per image segmented in training, drawn at
                 random when there are more; 0 = all (authors).
@@ -246,11 +275,13 @@ class ObjGuidedROIHeads(nn.Module):
         self.paste_normalized = paste_normalized
         self.mask_confidence_score = mask_confidence_score
         self.mask_confidence_power = mask_confidence_power
+        self.mask_flip_agreement_power = mask_flip_agreement_power
         self.mask_iou_loss_weight = mask_iou_loss_weight
         self.mask_iou_train_detections = mask_iou_train_detections
         self.mask_iou_score_power = mask_iou_score_power
         self.mask_largest_component = mask_largest_component
         self.mask_nms_thresh = mask_nms_thresh
+        self.mask_matrix_nms_sigma = mask_matrix_nms_sigma
         self.detections_per_image = detections_per_image
         self.max_train_rois_per_image = max_train_rois_per_image
         self.refine_enabled = refine_enabled
@@ -320,12 +351,14 @@ class ObjGuidedROIHeads(nn.Module):
             "paste_normalized": og.PASTE_NORMALIZED,
             "mask_confidence_score": og.MASK_CONFIDENCE_SCORE,
             "mask_confidence_power": og.MASK_CONFIDENCE_POWER,
+            "mask_flip_agreement_power": og.MASK_FLIP_AGREEMENT_POWER,
             "mask_iou_head": og.MASK_IOU_HEAD.ENABLED,
             "mask_iou_loss_weight": og.MASK_IOU_HEAD.LOSS_WEIGHT,
             "mask_iou_train_detections": og.MASK_IOU_HEAD.TRAIN_DETECTIONS,
             "mask_iou_score_power": og.MASK_IOU_HEAD.SCORE_POWER,
             "mask_largest_component": og.MASK_LARGEST_COMPONENT,
             "mask_nms_thresh": og.MASK_NMS_THRESH,
+            "mask_matrix_nms_sigma": og.MASK_MATRIX_NMS_SIGMA,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "max_train_rois_per_image": og.MAX_TRAIN_ROIS_PER_IMAGE,
             "refine_enabled": og.REFINE.ENABLED,
@@ -789,12 +822,12 @@ class ObjGuidedROIHeads(nn.Module):
         pyramid: RoiPyramid,
         groups: Sequence[RoiGroup],
         keypoints: torch.Tensor,
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per group, its ROIs' (G, 1, Hp, Wp) level-0 mask probabilities, the mean over the
-        views (in a flipped one, segmented from the mirrored grids and keypoints, then flipped
-        back), their (G, L, 2) int64 valid (h, w) and their (G, C0, Hp, Wp) e1 in the first
-        view."""
+    ) -> list[RoiProbabilities]:
+        """Per group, its ROIs' mask probabilities, the mean over the views (in a flipped one,
+        segmented from the mirrored grids and keypoints, then flipped back), and what the
+        scores read of them (:class:`RoiProbabilities`)."""
         total = first = None
+        segmented = []  # per view, per group: the (G, 1, Hp, Wp) masks at mask_thresh_test
         for view in views:
             points = keypoints.clone()
             for dim in view.dims:  # (x, y) in continuous coordinates: x -> W - x
@@ -802,9 +835,23 @@ class ObjGuidedROIHeads(nn.Module):
             mirrored = pyramid.mirrored(view.dims, view.image_hw)
             outputs = self.segment(view.level_maps, batch_index, mirrored, groups, points)
             probs = [flip_rois(o.logits.sigmoid(), o.valid_hw[:, 0], view.dims) for o in outputs]
+            if self.mask_flip_agreement_power:
+                thresh = self.mask_thresh_test
+                segmented.append(
+                    [_segmented(p, o.valid_hw[:, 0], thresh) for p, o in zip(probs, outputs)]
+                )
             total = probs if total is None else [t + p for t, p in zip(total, probs)]
             first = outputs if first is None else first
-        return [(t / len(views), out.valid_hw, out.e1) for t, out in zip(total, first)]
+        agreements = [None] * len(total)
+        if len(segmented) > 1:
+            agreements = [
+                torch.stack([_mask_ious(masks, input_masks) for masks in flipped]).mean(0)
+                for input_masks, *flipped in zip(*segmented)
+            ]
+        return [
+            RoiProbabilities(t / len(views), out.valid_hw, out.e1, agreement)
+            for t, out, agreement in zip(total, first, agreements)
+        ]
 
     def _pasted_masks(
         self,
@@ -825,14 +872,14 @@ class ObjGuidedROIHeads(nn.Module):
         group."""
         for chunk in _group_chunks(self.group(pyramid), self.max_inference_pixels):
             outputs = self._roi_probabilities(views, batch_index, pyramid, chunk, keypoints)
-            for group, (group_probs, valid_hw, e1) in zip(chunk, outputs):
+            for group, output in zip(chunk, outputs):
                 for image_index in batch_index[group.indices].unique().tolist():
                     mine = batch_index[group.indices] == image_index
                     indices = group.indices[mine]
-                    probs = group_probs[mine]
+                    probs = output.probs[mine]
                     mask_scores = None
                     if with_mask_scores:
-                        mask_scores = self._mask_scores(probs, valid_hw[mine, 0], e1[mine])
+                        mask_scores = self._mask_scores(output.select(mine))
                     windows = self._paste_masks(
                         probs, placed[indices], image_hws[image_index], output_sizes[image_index]
                     )
@@ -856,20 +903,22 @@ class ObjGuidedROIHeads(nn.Module):
             normalize=self.paste_normalized,
         )
 
-    def _mask_scores(
-        self, probs: torch.Tensor, valid_hw: torch.Tensor, e1: torch.Tensor
-    ) -> torch.Tensor | None:
-        """(K,) factor of each detection's score from its mask: its :func:`mask_confidence` to
-        ``mask_confidence_power`` and / or its predicted IoU to ``mask_iou_score_power``; None
-        with neither. probs (K, 1, Hp, Wp), valid_hw (K, 2) level-0 (h, w), e1 (K, C0, Hp, Wp)."""
-        factor = None
+    def _mask_scores(self, rois: RoiProbabilities) -> torch.Tensor | None:
+        """(K,) factor of each detection's score from its mask: the product of its
+        :func:`mask_confidence` to ``mask_confidence_power``, its views' agreement to
+        ``mask_flip_agreement_power`` and its predicted IoU to ``mask_iou_score_power``, of those
+        that are on; None with none."""
+        valid_hw = rois.valid_hw[:, 0]
+        factors = []
         if self.mask_confidence_score:
-            confidence = mask_confidence(probs, valid_hw, self.mask_thresh_test)
-            factor = confidence**self.mask_confidence_power
+            confidence = mask_confidence(rois.probs, valid_hw, self.mask_thresh_test)
+            factors.append(confidence**self.mask_confidence_power)
+        if rois.view_agreement is not None:
+            factors.append(rois.view_agreement**self.mask_flip_agreement_power)
         if self.mask_iou_head is not None:
-            iou = self.mask_iou_head(e1, probs, valid_hw).sigmoid() ** self.mask_iou_score_power
-            factor = iou if factor is None else factor * iou
-        return factor
+            iou = self.mask_iou_head(rois.e1, rois.probs, valid_hw).sigmoid()
+            factors.append(iou**self.mask_iou_score_power)
+        return math.prod(factors) if factors else None
 
     def _kept_masks(
         self,
@@ -923,6 +972,8 @@ class ObjGuidedROIHeads(nn.Module):
                 MaskWindows.cat(windows),
                 torch.cat(image_score),
             )
+            if self.mask_matrix_nms_sigma:
+                image_score = matrix_nms_decay(windows, image_score, self.mask_matrix_nms_sigma)
             keep = mask_nms(windows, image_score, self.mask_nms_thresh)
             keep = keep[: self.detections_per_image]
             kept_masks.append((order[keep], windows, keep, image_score[keep]))
@@ -968,10 +1019,23 @@ def _keypoints(instances: Instances, field: str, boxes: Boxes) -> torch.Tensor:
     return instances.get(field) if instances.has(field) else boxes.get_centers()
 
 
+def _segmented(probs: torch.Tensor, valid_hw: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(R, 1, Hp, Wp) bool: the valid pixels of each ROI at or above ``threshold``; probs
+    (R, 1, Hp, Wp), valid_hw (R, 2) (h, w)."""
+    return (probs >= threshold) & valid_mask(valid_hw, probs.shape[-2:])
+
+
+def _mask_ious(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """(R,) IoU of two (R, 1, Hp, Wp) bool masks of each ROI; 0 where both are empty."""
+    overlap = (first & second).sum(dim=(1, 2, 3))
+    union = (first | second).sum(dim=(1, 2, 3))
+    return overlap / union.clamp(min=1)
+
+
 def mask_confidence(probs: torch.Tensor, valid_hw: torch.Tensor, threshold: float) -> torch.Tensor:
     """(R,) mean probability of each ROI over its valid pixels at or above ``threshold`` (the
     pixels it segments), 0 where there is none; probs (R, 1, Hp, Wp), valid_hw (R, 2) (h, w)."""
-    foreground = (probs >= threshold) & valid_mask(valid_hw, probs.shape[-2:])
+    foreground = _segmented(probs, valid_hw, threshold)
     return (probs * foreground).sum(dim=(1, 2, 3)) / foreground.sum(dim=(1, 2, 3)).clamp(min=1)
 
 
