@@ -629,13 +629,9 @@ def test_mask_confidence_scales_the_scores_and_reorders_the_detections(
 def test_flip_agreement_scales_the_scores_by_the_views_mask_iou(agreement_power):
     """With a flipped view, a detection's score is multiplied by the IoU of its mask in that view
     (flipped back) with its mask in the input, to the given power: here the left ROI's mirror
-    image holds only half of its object (IoU 1/2), the right ROI's all of it (IoU 1)."""
-    size = (64, 96)
-    boxes = torch.tensor([[8.0, 8.0, 32.0, 32.0], [50.0, 20.0, 74.0, 44.0]])
-    proposals = Instances(size)
-    proposals.proposal_boxes = Boxes(boxes)
-    proposals.objectness_logits = torch.tensor([2.0, 1.0])
-    proposals.pred_classes = torch.zeros(2, dtype=torch.int64)
+    image holds only half of its object (IoU 1/2), the right ROI's all of it (IoU 1); the third,
+    on background, segments nothing in either view and is dropped."""
+    size, _, proposals, _ = two_rectangles_and_background()
     heads = OracleHeads(
         **head_args(
             mask_thresh_test=0.5,
@@ -648,6 +644,7 @@ def test_flip_agreement_scales_the_scores_by_the_views_mask_iou(agreement_power)
         [
             rectangle(size, 8, 8, 32, 32) | rectangle(size, 64, 8, 76, 32),
             rectangle(size, 50, 20, 74, 44) | rectangle(size, 22, 20, 46, 44),
+            torch.zeros(size, dtype=torch.bool),
         ]
     ).float()
     images = ImageList(torch.zeros(1, 3, *size), [size])
@@ -656,7 +653,8 @@ def test_flip_agreement_scales_the_scores_by_the_views_mask_iou(agreement_power)
     (result,), _ = heads(images, {}, [proposals], flipped=flipped)
 
     left_first = torch.argsort(result.pred_boxes.tensor[:, 0])
-    expected = proposals.objectness_logits.sigmoid() * torch.tensor([0.5, 1.0]) ** agreement_power
+    keypoint_scores = proposals.objectness_logits[:2].sigmoid()
+    expected = keypoint_scores * torch.tensor([0.5, 1.0]) ** agreement_power
     torch.testing.assert_close(result.scores[left_first], expected, atol=0.01, rtol=0)
 
 
