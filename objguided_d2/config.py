@@ -142,7 +142,8 @@ def add_objguided_config(cfg: CN) -> None:
     _C.MASK_TEST_FLIPS = []
     # With MASK_TEST_FLIPS, multiply each detection's score by the agreement of its views, the
     # mean IoU of its ROI mask (at MASK_THRESH_TEST) in each flipped view with its mask in the
-    # input, to this power: the views disagree where the branch is unsure. 0: none.
+    # input, to this power: the views disagree where the branch is unsure. 0, or no flips: none
+    # (so that MASK_TEST_FLIPS [] alone gives one pass).
     _C.MASK_FLIP_AGREEMENT_POWER = 0.0
     # Network inputs with a side above TILE_SIZE (e.g. large images at INPUT.TEST_SCALE) are
     # segmented in overlapping tiles of that side; an object is kept from the tile whose core
@@ -302,10 +303,3 @@ def check_config(cfg: CN) -> None:
             value = value[part]
         if not valid(value):
             raise ValueError(f"Config key {key} is {value!r}; expected {expected}")
-    og = cfg.MODEL.OBJGUIDED
-    if og.MASK_FLIP_AGREEMENT_POWER > 0 and not og.MASK_TEST_FLIPS:
-        raise ValueError(
-            "Config key MODEL.OBJGUIDED.MASK_FLIP_AGREEMENT_POWER is "
-            f"{og.MASK_FLIP_AGREEMENT_POWER!r} but MODEL.OBJGUIDED.MASK_TEST_FLIPS is empty; the "
-            "agreement needs flipped views"
-        )

@@ -630,7 +630,8 @@ def test_flip_agreement_scales_the_scores_by_the_views_mask_iou(agreement_power)
     """With a flipped view, a detection's score is multiplied by the IoU of its mask in that view
     (flipped back) with its mask in the input, to the given power: here the left ROI's mirror
     image holds only half of its object (IoU 1/2), the right ROI's all of it (IoU 1); the third,
-    on background, segments nothing in either view and is dropped."""
+    on background, segments nothing in either view and is dropped. Without a flipped view the
+    scores are the keypoint scores."""
     size, _, proposals, _ = two_rectangles_and_background()
     heads = OracleHeads(
         **head_args(
@@ -656,6 +657,9 @@ def test_flip_agreement_scales_the_scores_by_the_views_mask_iou(agreement_power)
     keypoint_scores = proposals.objectness_logits[:2].sigmoid()
     expected = keypoint_scores * torch.tensor([0.5, 1.0]) ** agreement_power
     torch.testing.assert_close(result.scores[left_first], expected, atol=0.01, rtol=0)
+    # without a flipped view there is no agreement to score
+    (one_view,), _ = heads(images, {}, [proposals])
+    torch.testing.assert_close(one_view.scores, keypoint_scores)
 
 
 @pytest.mark.parametrize("mask_largest_component", [False, True])
