@@ -822,10 +822,12 @@ class ObjGuidedROIHeads(nn.Module):
         pyramid: RoiPyramid,
         groups: Sequence[RoiGroup],
         keypoints: torch.Tensor,
+        with_agreement: bool = False,
     ) -> list[RoiProbabilities]:
         """Per group, its ROIs' mask probabilities, the mean over the views (in a flipped one,
         segmented from the mirrored grids and keypoints, then flipped back), and what the
-        scores read of them (:class:`RoiProbabilities`)."""
+        scores read of them (:class:`RoiProbabilities`; the views' agreement only
+        ``with_agreement`` and where ``mask_flip_agreement_power`` asks for it)."""
         total = first = None
         segmented = []  # per view, per group: the (G, 1, Hp, Wp) masks at mask_thresh_test
         for view in views:
@@ -835,7 +837,7 @@ class ObjGuidedROIHeads(nn.Module):
             mirrored = pyramid.mirrored(view.dims, view.image_hw)
             outputs = self.segment(view.level_maps, batch_index, mirrored, groups, points)
             probs = [flip_rois(o.logits.sigmoid(), o.valid_hw[:, 0], view.dims) for o in outputs]
-            if self.mask_flip_agreement_power:
+            if with_agreement and self.mask_flip_agreement_power:
                 thresh = self.mask_thresh_test
                 segmented.append(
                     [_segmented(p, o.valid_hw[:, 0], thresh) for p, o in zip(probs, outputs)]
@@ -871,7 +873,9 @@ class ObjGuidedROIHeads(nn.Module):
         windows, their (K,) :meth:`_mask_scores` with ``with_mask_scores``, else None), group by
         group."""
         for chunk in _group_chunks(self.group(pyramid), self.max_inference_pixels):
-            outputs = self._roi_probabilities(views, batch_index, pyramid, chunk, keypoints)
+            outputs = self._roi_probabilities(
+                views, batch_index, pyramid, chunk, keypoints, with_agreement=with_mask_scores
+            )
             for group, output in zip(chunk, outputs):
                 for image_index in batch_index[group.indices].unique().tolist():
                     mine = batch_index[group.indices] == image_index
